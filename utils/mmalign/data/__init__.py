@@ -1,0 +1,1 @@
+"""The scene world, real-format loaders and feature caching."""

