@@ -1,5 +1,15 @@
-"""The loss zoo: each loss is a function of embeddings (and a temperature or margin), no hidden state."""
+"""The loss zoo: each loss is a function of embeddings (or a similarity matrix) and a temperature or
+margin, with no hidden state. Margin schedules are small objects with a state_dict."""
 
-from .info_nce import info_nce
+from .contrastive import contrastive_loss
+from .cosine_embedding import cosine_embedding_loss, make_signed_pairs
+from .hypersphere import hypersphere_loss
+from .info_nce import info_nce, similarity
+from .mms import AdaptiveMargin, ScheduledMargin, mms_loss
+from .moco import moco_loss
+from .multiview import multiview_loss, n_loss_terms, term_keys
+from .triplet import triplet_loss, triplet_loss_embeddings
 
-__all__ = ["info_nce"]
+__all__ = ["info_nce", "similarity", "triplet_loss", "triplet_loss_embeddings", "contrastive_loss",
+           "cosine_embedding_loss", "make_signed_pairs", "mms_loss", "ScheduledMargin", "AdaptiveMargin",
+           "hypersphere_loss", "moco_loss", "multiview_loss", "n_loss_terms", "term_keys"]

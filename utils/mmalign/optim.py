@@ -1,0 +1,89 @@
+"""LAMB: layer-wise adaptive moments for large-batch training (You et al., 2020, Algorithm 2)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def lamb_trust_ratio(weight: torch.Tensor, update: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    r"""Layer-wise trust ratio :math:`\min(\lVert w \rVert / \lVert u \rVert, c)`, or 1 if either norm is 0.
+
+    Args:
+        weight: a parameter tensor w (any shape).
+        update: the Adam-plus-weight-decay update u for it (same shape).
+        clamp: c > 0, the largest ratio allowed.
+
+    Returns:
+        0-d tensor on weight's device (no host sync).
+    """
+    w_norm, u_norm = weight.norm(), update.norm()
+    ratio = (w_norm / u_norm).clamp(0, clamp)
+    return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+
+
+class LAMB(torch.optim.Optimizer):
+    r"""LAMB optimizer (You et al., 2020, "Large Batch Optimization for Deep Learning", Algorithm 2).
+
+    For each parameter tensor (a "layer") w with gradient g, at step t:
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2,
+        \quad \hat m_t = \frac{m_t}{1-\beta_1^t}, \quad \hat v_t = \frac{v_t}{1-\beta_2^t},
+
+    .. math::
+        u_t = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda w, \qquad
+        w \leftarrow w - \eta\, r(w, u_t)\, u_t,
+
+    with the trust ratio :math:`r` from :func:`lamb_trust_ratio` (:math:`\lVert w\rVert/\lVert u_t\rVert`
+    clamped to [0, clamp], 1 if either norm is 0). The weight decay is decoupled (added to the
+    update, as in AdamW); put biases and norm layers in a group with ``weight_decay=0`` if wanted.
+
+    Args:
+        params: parameters or param groups.
+        lr: eta. betas: (beta_1, beta_2). eps: added to sqrt(v_hat).
+        weight_decay: lambda. clamp: upper bound of the trust ratio (the WIT project uses 10).
+        bias_correction: divide the moments by (1 - beta^t) (Algorithm 2 does).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, clamp: float = 10.0, bias_correction: bool = True):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if clamp <= 0:
+            raise ValueError(f"clamp must be > 0, got {clamp}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp=clamp,
+                        bias_correction=bias_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("LAMB does not support sparse gradients; use dense embeddings (sparse=False)")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                if group["bias_correction"]:
+                    m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+                else:
+                    m_hat, v_hat = m, v
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                ratio = lamb_trust_ratio(p, update, group["clamp"])
+                p.sub_(group["lr"] * ratio * update)
+        return loss
