@@ -1,0 +1,156 @@
+r"""Real RGB-D data: a loader for NYU-Depth-v2-style folders and a real depth example shipped in a package.
+
+Expected layout (NYU Depth v2, Silberman et al., ECCV 2012, as exported by most toolkits)::
+
+    root/
+      rgb/<stem>.png            8-bit RGB (or .jpg)
+      depth/<stem>.png          16-bit single-channel PNG, millimetres (0 = missing)
+       or depth/<stem>.npy      float array (H, W), metres
+      train.txt, test.txt       one stem per line ('#' comments and blank lines ignored)
+
+Stereo gives depth too: :func:`middlebury_example` returns a Middlebury 2014 pair with ground-truth
+disparity shipped in scikit-image, and :func:`disparity_to_depth` converts it,
+:math:`Z = f B / (d + d_{offs})`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+LAYOUT = ("root/rgb/<stem>.png, root/depth/<stem>.png (16-bit, millimetres) or root/depth/<stem>.npy (metres), "
+          "root/<split>.txt listing one stem per line")
+
+#: Calibration of ``skimage.data.stereo_motorcycle`` (Middlebury 2014 "Motorcycle", downsampled 4x),
+#: from its docstring: focal length in pixels, baseline in metres, principal-point offset in pixels.
+MIDDLEBURY_MOTORCYCLE = {"focal": 994.978, "baseline": 0.193001, "doffs": 31.086}
+
+
+class RGBDDataset(Dataset):
+    """Paired RGB images and metric depth maps from a NYU-Depth-v2-style folder.
+
+    Args:
+        root: the dataset folder (layout in the module docstring).
+        split: name of the split file without ``.txt`` (``"train"``, ``"test"``).
+        depth_scale: PNG depth units per metre (1000 for millimetres); ``.npy`` depth is already metres.
+        transform: optional ``transform(rgb, depth) -> (rgb, depth)`` applied to both together, so
+            crops and flips stay aligned.
+
+    Items: ``(rgb (3, H, W) float32 in [0, 1], depth (1, H, W) float32 metres, stem)``.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", depth_scale: float = 1000.0,
+                 transform: Callable | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"RGB-D root folder not found: {self.root}. Expected layout: {LAYOUT}")
+        split_file = self.root / f"{split}.txt"
+        if not split_file.is_file():
+            found = sorted(p.name for p in self.root.glob("*.txt"))
+            raise FileNotFoundError(f"split file not found: {split_file} (split files present: {found}). "
+                                    f"Expected layout: {LAYOUT}")
+        if depth_scale <= 0:
+            raise ValueError(f"depth_scale must be > 0 (1000 for millimetre PNGs), got {depth_scale}")
+        lines = (ln.strip() for ln in split_file.read_text(encoding="utf-8").splitlines())
+        self.stems = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not self.stems:
+            raise ValueError(f"split file {split_file} lists no stems; write one file stem per line")
+        self.depth_scale, self.transform = depth_scale, transform
+        self.files = [(self._find(self.root / "rgb", s, (".png", ".jpg", ".jpeg")),
+                       self._find(self.root / "depth", s, (".png", ".npy"))) for s in self.stems]
+
+    @staticmethod
+    def _find(folder: Path, stem: str, exts: tuple[str, ...]) -> Path:
+        for ext in exts:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
+        raise FileNotFoundError(f"missing file for stem {stem!r}: none of "
+                                f"{[str(folder / (stem + e)) for e in exts]} exists. Expected layout: {LAYOUT}")
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, i: int):
+        rgb_path, depth_path = self.files[i]
+        rgb = torch.from_numpy(_read_rgb(rgb_path)).permute(2, 0, 1).float().div_(255.0)
+        depth = torch.from_numpy(_read_depth(depth_path, self.depth_scale))[None]
+        if rgb.shape[1:] != depth.shape[1:]:
+            raise ValueError(f"size mismatch for stem {self.stems[i]!r}: rgb is {tuple(rgb.shape[1:])} but depth is "
+                             f"{tuple(depth.shape[1:])} ({rgb_path}, {depth_path}); register/resize them to the same H, W")
+        if self.transform is not None:
+            rgb, depth = self.transform(rgb, depth)
+        return rgb, depth, self.stems[i]
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+def _read_depth(path: Path, depth_scale: float) -> np.ndarray:
+    """(H, W) float32 metres from a 16-bit millimetre PNG or a metre .npy."""
+    if path.suffix == ".npy":
+        d = np.load(path)
+        if d.ndim == 3 and 1 in (d.shape[0], d.shape[-1]):
+            d = d.reshape(d.shape[1:] if d.shape[0] == 1 else d.shape[:-1])
+        if d.ndim != 2 or not np.issubdtype(d.dtype, np.number):
+            raise ValueError(f"{path}: depth .npy must be a numeric (H, W) array in metres, got {d.dtype} {d.shape}")
+        return d.astype(np.float32)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+            bands = len(im.getbands())
+            raise ValueError(f"{path}: depth PNG must be single-channel 16-bit (millimetres), got mode {im.mode!r} "
+                             f"with {bands} channel(s); a colour or 8-bit depth picture is a visualisation, "
+                             "not metric depth. Save uint16 millimetres, or float metres as .npy")
+        d = np.asarray(im).astype(np.float32)
+    return d / np.float32(depth_scale)
+
+
+def middlebury_example() -> tuple[np.ndarray, np.ndarray]:
+    """A real stereo frame with ground-truth disparity, shipped in scikit-image (no download).
+
+    Middlebury 2014 "Motorcycle" (Scharstein et al., GCPR 2014), downsampled 4x. Convert with
+    ``disparity_to_depth(disp, **MIDDLEBURY_MOTORCYCLE)``.
+
+    Returns:
+        ``(left, disparity)``: left image (500, 741, 3) uint8 and disparity (500, 741) float32 in
+        pixels, ``inf``/NaN where there is no ground truth.
+    """
+    try:
+        from skimage.data import stereo_motorcycle
+    except ImportError as e:
+        raise ImportError("middlebury_example needs scikit-image: pip install scikit-image") from e
+    left, _, disp = stereo_motorcycle()
+    return left, disp.astype(np.float32)
+
+
+def disparity_to_depth(disp, focal: float, baseline: float, doffs: float = 0.0, invalid_value: float = 0.0):
+    r"""Depth from stereo disparity, with invalid disparities marked.
+
+    .. math:: Z = \frac{f\,B}{d + d_{offs}}\quad\text{where } d \text{ is finite and } > 0,\ \text{else } Z = \text{invalid\_value}
+
+    Args:
+        disp: disparity in pixels, any shape, torch tensor or numpy array.
+        focal: focal length in pixels; baseline: camera distance (the unit of the result, e.g. metres);
+        doffs: x-offset of the two principal points in pixels (Middlebury's ``doffs``, 0 if rectified
+            with the same principal point); invalid_value: depth written where disparity is 0, negative,
+            inf or NaN (0, the NYU convention for missing depth).
+
+    Returns:
+        Depth of the same shape and kind (tensor or array) as ``disp``, float32.
+    """
+    if focal <= 0 or baseline <= 0:
+        raise ValueError(f"focal and baseline must be > 0, got focal={focal}, baseline={baseline}")
+    is_numpy = isinstance(disp, np.ndarray)
+    d = torch.as_tensor(disp).float()
+    valid = torch.isfinite(d) & (d > 0) & (d + doffs > 0)
+    z = torch.where(valid, focal * baseline / torch.where(valid, d + doffs, 1.0), invalid_value)
+    return z.numpy() if is_numpy else z
