@@ -51,7 +51,7 @@ class Config:
 _PROFILE_SIZES = {
     "ci": dict(n_train=1200, n_val=200, n_test=300, image_size=64, batch_size=128, epochs=25,
                lr=2e-3, embed_dim=128),
-    "full": dict(n_train=8000, n_val=1000, n_test=1000, image_size=64, batch_size=256, epochs=40,
+    "full": dict(n_train=5000, n_val=800, n_test=1000, image_size=64, batch_size=256, epochs=20,
                  lr=2e-3, embed_dim=128),
     "gpu": dict(n_train=60000, n_val=5000, n_test=5000, image_size=96, batch_size=1024, epochs=60,
                 lr=2e-3, embed_dim=256),
@@ -76,6 +76,9 @@ def load_config(profile: str | None = None, **overrides) -> Config:
         raise ValueError(f"profile {name!r} is not one of {PROFILES}")
     device = choose_device("cuda" if name == "gpu" else None)
     cfg = Config(profile=name, device=str(device), amp=device.type == "cuda", **_PROFILE_SIZES[name])
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Config)]}")
     return cfg.replace(**overrides) if overrides else cfg
 
 

@@ -24,16 +24,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
-
-def similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Cosine (or dot-product if ``normalize=False``) similarity: (N, D), (M, D) -> (N, M) float32."""
-    _check_embeddings(a, b)
-    a, b = a.float(), b.float()
-    if normalize:
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    return a @ b.T
+from .losses.info_nce import similarity as _similarity
 
 
 def _check_embeddings(q: torch.Tensor, g: torch.Tensor) -> None:
@@ -43,6 +35,12 @@ def _check_embeddings(q: torch.Tensor, g: torch.Tensor) -> None:
         raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}: project both into the same space")
     if q.shape[0] == 0 or g.shape[0] == 0:
         raise ValueError(f"empty query set or gallery ({q.shape[0]} queries, {g.shape[0]} gallery items)")
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Cosine (or dot-product if ``normalize=False``) similarity with input checks: (N, D), (M, D) -> (N, M)."""
+    _check_embeddings(a, b)
+    return _similarity(a, b, normalize)
 
 
 def _check_ids(emb: torch.Tensor, ids, what: str) -> torch.Tensor:
@@ -122,11 +120,14 @@ def retrieval_report(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids,
 
 def chance_recall(n_gallery: int, n_positives: int, k: int) -> float:
     """Recall@K of a random ranking: 1 - C(G - P, K) / C(G, K), for P positives among G items."""
+    if not (1 <= n_positives <= n_gallery and 1 <= k <= n_gallery):
+        raise ValueError(f"need 1 <= positives <= gallery and 1 <= k <= gallery, got "
+                         f"gallery={n_gallery}, positives={n_positives}, k={k}")
     n, p = torch.tensor(float(n_gallery), dtype=torch.float64), float(n_positives)
     kk = torch.tensor(float(k), dtype=torch.float64)
     if k > n_gallery - n_positives:
         return 1.0
-    return float(1 - torch.exp(_log_comb(n - p, kk) - _log_comb(n, kk)))
+    return float(-torch.expm1(_log_comb(n - p, kk) - _log_comb(n, kk)))
 
 
 def top_k(query: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int | None = None,

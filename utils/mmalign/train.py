@@ -1,0 +1,278 @@
+"""The one training loop of the course: device and mixed-precision aware, seeded, with a progress bar,
+a history for plots, evaluation with best-checkpoint tracking, and checkpoints that resume exactly.
+
+    def step(model, batch):                     # batch: a tuple of tensors already on the device
+        img, txt, ids = batch
+        zi, zt = model(img, txt)
+        return info_nce(zi, zt, 0.07, ids, ids)  # or (loss, {"metric": value})
+
+    history = fit(model, step, (img_feats, txt_feats, ids), optimizer=torch.optim.Adam(model.parameters()),
+                  epochs=10, batch_size=128, seed=0, eval_fn=lambda m: {"rsum": ...}, keep_best="rsum")
+
+Exact resume: the order of batches in epoch e comes from a generator seeded with (seed, e), so a run
+restarted from a checkpoint skips the batches it had already done and continues with the same ones;
+model, optimizer, scheduler, grad scaler, RNG states and any ``stateful`` objects (a queue, a memory,
+a margin schedule) are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import choose_device
+
+
+@dataclass
+class History:
+    """What happened during training: one entry per step, one per evaluation."""
+
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # name -> list of per-step floats
+    evals: list = field(default_factory=list)  # dicts with step, epoch and the eval metrics
+    best: dict | None = None  # the best eval (when keep_best is set)
+    seconds: float = 0.0
+
+    def eval_series(self, key: str) -> tuple[list, list]:
+        """(steps, values) of one eval metric, for plotting."""
+        return [e["step"] for e in self.evals], [e[key] for e in self.evals]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors inside tuples, lists and dicts to ``device`` (other values unchanged)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes positional fields
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch; a pure function of (n, seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _batches(data, order: torch.Tensor, batch_size: int, drop_last: bool, collate_fn, num_workers: int,
+             loader_seed: int = 0, start: int = 0):
+    """The batches of one epoch from batch ``start`` on (earlier ones are not loaded at all)."""
+    n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
+    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        for b in range(start, n_batches):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            yield tuple(t[idx] for t in data)
+        return
+    chunks = [order[b * batch_size:(b + 1) * batch_size].tolist() for b in range(start, n_batches)]
+    if not chunks:
+        return
+    # A DataLoader iterator draws its worker base seed from `generator`, or from the global torch RNG when
+    # none is given, which would shift dropout masks after an exact resume: give it its own generator.
+    yield from DataLoader(data, batch_sampler=chunks, collate_fn=collate_fn, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(loader_seed))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    data: Sequence[torch.Tensor] | Dataset,
+    *,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    scheduler: Any = None,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    eval_every: int | None = None,
+    keep_best: str | None = None,
+    stateful: Mapping[str, Any] | None = None,
+    after_step: Callable | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    max_steps: int | None = None,
+    grad_clip: float | None = None,
+    drop_last: bool = True,
+    collate_fn: Callable | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "training",
+) -> History:
+    """Train ``model`` with ``loss_fn(model, batch)`` for ``epochs`` epochs and return its History.
+
+    Args:
+        data: a tuple of tensors with the same first dimension (fast path: batches are tuples of
+            tensor slices), or a torch Dataset (batched by a DataLoader with ``collate_fn``).
+        loss_fn: ``(model, batch) -> loss`` or ``(loss, {name: float})``; the batch is on the device.
+        eval_fn: ``model -> {name: float}``, run in eval mode without gradients every ``eval_every``
+            steps (default: at the end of every epoch).
+        keep_best: an eval metric to maximise; the best weights are loaded back at the end and
+            ``history.best`` records when they were reached.
+        stateful: objects with ``state_dict``/``load_state_dict`` saved in checkpoints (queues, ...).
+        after_step: ``(model, batch, step)`` called after each optimizer step (EMA updates, enqueue).
+        checkpoint_path: where to save; if the file exists, training resumes from it.
+        checkpoint_every: also save every this many steps (always at epoch ends and at ``max_steps``).
+        max_steps: stop after this many steps in total (e.g. to simulate an interrupted run).
+        amp: autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); default on for CUDA only.
+    """
+    if keep_best is not None and eval_fn is None:
+        raise ValueError(f"keep_best={keep_best!r} needs an eval_fn that returns that metric")
+    if epochs <= 0 or batch_size <= 0:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    n = len(data[0]) if isinstance(data, (tuple, list)) else len(data)
+    if isinstance(data, (tuple, list)) and any(len(t) != n for t in data):
+        raise ValueError(f"all tensors in data need the same first dimension, got {[len(t) for t in data]}")
+    steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the data ({n} samples) with drop_last=True")
+    device = torch.device(device) if device is not None else choose_device()
+    amp = (device.type == "cuda") if amp is None else amp
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+    stateful = dict(stateful or {})
+    model.to(device)
+
+    history = History()
+    start_epoch, start_in_epoch, global_step = 0, 0, 0
+    best_state = None
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    torch.manual_seed(seed)
+    if checkpoint_path is not None and checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        for name, obj in stateful.items():
+            obj.load_state_dict(ckpt["stateful"][name])
+        history = History(**ckpt["history"])
+        best_state = ckpt.get("best_state")
+        start_epoch, start_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        _set_rng_state(ckpt["rng"])
+
+    def save(epoch: int, step_in_epoch: int) -> None:
+        if checkpoint_path is None:
+            return
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint_path.with_suffix(".tmp")
+        torch.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "stateful": {k: v.state_dict() for k, v in stateful.items()},
+            "history": history.to_dict(), "best_state": best_state, "epoch": epoch,
+            "step_in_epoch": step_in_epoch, "global_step": global_step, "rng": _rng_state(),
+        }, tmp)
+        tmp.replace(checkpoint_path)
+
+    def evaluate(epoch: int) -> None:
+        nonlocal best_state
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in eval_fn(model).items()}
+        model.train(was_training)
+        entry = {"step": global_step, "epoch": epoch, **metrics}
+        history.evals.append(entry)
+        if keep_best is not None:
+            if keep_best not in metrics:
+                raise ValueError(f"keep_best={keep_best!r} is not among the eval metrics {sorted(metrics)}")
+            if history.best is None or metrics[keep_best] > history.best[keep_best]:
+                history.best = dict(entry)
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=min(global_step, total), desc=desc, leave=False)
+    started = time.perf_counter()
+    model.train()
+    stopped = False
+    for epoch in range(start_epoch, epochs):
+        skip = start_in_epoch if epoch == start_epoch else 0
+        if max_steps is not None and global_step >= max_steps:
+            save(epoch, skip)
+            stopped = True
+            break
+        order = epoch_order(n, seed, epoch)
+        batches = _batches(data, order, batch_size, drop_last, collate_fn, num_workers, seed * 100_003 + epoch, skip)
+        for i, batch in enumerate(batches, start=skip):
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                out = loss_fn(model, batch)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {global_step}: lower the learning rate or raise the temperature"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            global_step += 1
+            if after_step is not None:
+                after_step(model, batch, global_step)
+            history.step.append(global_step)
+            history.loss.append(float(loss.detach()))
+            for k, v in logs.items():
+                history.metrics.setdefault(k, []).append(float(v))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{history.loss[-1]:.4f}", epoch=epoch + 1)
+            if eval_fn is not None and eval_every and global_step % eval_every == 0:
+                evaluate(epoch)
+            if checkpoint_every and global_step % checkpoint_every == 0:
+                save(epoch, i + 1)
+            # Stop before the next batch is loaded: loading may draw random numbers (augmentation), and
+            # the checkpoint's RNG state must be the one the resumed run starts that batch with.
+            if max_steps is not None and global_step >= max_steps and i + 1 < steps_per_epoch:
+                save(epoch, i + 1)
+                stopped = True
+                break
+        if stopped:
+            break
+        if eval_fn is not None and not eval_every:
+            evaluate(epoch)
+        save(epoch + 1, 0)
+    if bar is not None:
+        bar.close()
+    history.seconds += time.perf_counter() - started
+    if keep_best is not None and best_state is not None and not stopped:
+        model.load_state_dict(best_state)
+    return history
