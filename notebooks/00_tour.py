@@ -45,7 +45,6 @@ from mmalign.config import load_config, seed_everything
 
 cfg = load_config()  # MMALIGN_PROFILE=ci (default), full or gpu
 seed_everything(cfg.seed)
-torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
 print(f"profile={cfg.profile}  device={cfg.device}  train/val/test scenes={cfg.n_train}/{cfg.n_val}/{cfg.n_test}")
 
 # %% [markdown]

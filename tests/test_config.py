@@ -22,7 +22,7 @@ def test_profiles_sizes():
     ci = load_config("ci")
     # the CI profile the notebooks are budgeted for (see the module docstring and the chapters)
     assert (ci.profile, ci.n_train, ci.n_val, ci.n_test, ci.image_size) == ("ci", 1200, 200, 300, 64)
-    assert (ci.batch_size, ci.epochs, ci.embed_dim, ci.seed) == (128, 25, 128, 0)
+    assert (ci.batch_size, ci.epochs, ci.embed_dim, ci.seed, ci.num_threads) == (128, 10, 128, 0, 1)
     full = load_config("full")
     assert full.n_train > ci.n_train and full.n_test > ci.n_test and full.batch_size >= ci.batch_size
     assert load_config("full").extra == {} and load_config("full").extra is not load_config("ci").extra
