@@ -52,7 +52,7 @@ _PROFILE_SIZES = {
     "ci": dict(n_train=1200, n_val=200, n_test=300, image_size=64, batch_size=128, epochs=10,
                lr=2e-3, embed_dim=128, num_threads=1),
     "full": dict(n_train=5000, n_val=800, n_test=1000, image_size=64, batch_size=256, epochs=20,
-                 lr=2e-3, embed_dim=128),
+                 lr=2e-3, embed_dim=128, num_threads=1),
     "gpu": dict(n_train=60000, n_val=5000, n_test=5000, image_size=96, batch_size=1024, epochs=60,
                 lr=2e-3, embed_dim=256),
 }
