@@ -41,7 +41,7 @@ test: install
 	  $(BIN)/jupytext --quiet --to ipynb --set-kernel python3 -o $(SOLUTION_NBS)/$$(basename $${f%.py}).ipynb $$f || exit 1; \
 	done
 	MMALIGN_PROFILE=ci $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
-	  --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q
+	  --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q --durations=20
 
 book: data
 	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book -W --keep-going
