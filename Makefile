@@ -6,7 +6,6 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 PROFILE ?= ci
 SOLUTION_NBS := .cache/solutions-ipynb
-export MPLBACKEND := Agg
 export PATH := $(BIN):$(PATH)
 
 .PHONY: help install data test book lab labs check-labs sync grade grade-dir results clean
@@ -40,11 +39,12 @@ test: install
 	for f in solutions/*.py; do \
 	  $(BIN)/jupytext --quiet --to ipynb --set-kernel python3 -o $(SOLUTION_NBS)/$$(basename $${f%.py}).ipynb $$f || exit 1; \
 	done
-	MMALIGN_PROFILE=ci $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
+	MMALIGN_PROFILE=ci MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
 	  --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q --durations=20
 
 book: data
 	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book -W --keep-going
+	$(BIN)/python book/check_site.py
 
 lab: install
 	$(BIN)/jupyter lab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
