@@ -10,15 +10,6 @@ import mmalign.retrieval as R
 from mmalign.retrieval import chance_recall, precision_at_k, recall_at_k, retrieval_report, top_k
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits that make a busy CI box 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- helpers
 def embeddings_for_scores(scores):
     """Query/gallery embeddings whose dot products (normalize=False) are exactly ``scores`` (Q, G).

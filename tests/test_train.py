@@ -13,15 +13,6 @@ from mmalign.losses import ScheduledMargin, info_nce
 from mmalign.train import History, epoch_order, fit, to_device
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits that make a busy CI box 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- fixtures
 def regression_data(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
