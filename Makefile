@@ -39,7 +39,7 @@ test: install
 	for f in solutions/*.py; do \
 	  $(BIN)/jupytext --quiet --to ipynb --set-kernel python3 -o $(SOLUTION_NBS)/$$(basename $${f%.py}).ipynb $$f || exit 1; \
 	done
-	MMALIGN_PROFILE=ci MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
+	MMALIGN_PROFILE=ci MPLBACKEND=Agg TQDM_MININTERVAL=2 $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
 	  --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q --durations=20
 
 book: data
