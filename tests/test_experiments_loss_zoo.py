@@ -93,5 +93,5 @@ def test_zoo_epochs_and_best_hyper():
         def __init__(self, rsum):
             self.best = {"rsum": rsum, "epoch": 0}
 
-    runs = {(1.0, 1.0): zoo.Run(_H(3.0), {}), (1.0, 4.0): zoo.Run(_H(5.0), {}), (4.0, 16.0): zoo.Run(_H(5.0), {})}
+    runs = {(1.0, 1.0): zoo.Run(None, _H(3.0), {}), (1.0, 4.0): zoo.Run(None, _H(5.0), {}), (4.0, 16.0): zoo.Run(None, _H(5.0), {})}
     assert zoo.best_hyper(runs) == (1.0, 4.0)  # ties: the first in grid order

@@ -13,7 +13,6 @@ factory call is a fresh, reproducible run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,7 +23,7 @@ from ..losses import (AdaptiveMargin, ScheduledMargin, contrastive_loss, cosine_
                       hypersphere_loss, info_nce, make_signed_pairs, mms_loss, similarity, triplet_loss)
 from ..miners import random_negatives
 from ..recipes import PairLoss, evaluate, train_dual_encoder
-from ..train import History
+from .dual_encoders import Run
 
 TEMPERATURE = 0.07  # InfoNCE and the MMS family (CLIP's initial value; seed 002 settled on it too)
 MMS_MARGIN = 0.2  # in cosine units (see the chapter: the thesis' M = 1 is in dot-product units)
@@ -114,28 +113,12 @@ def zoo_losses(cfg: Config, total_steps: int, temperature: float = TEMPERATURE,
     return dict(zip(ROWS, (hyper, triplet, infonce, mms, mms_sch, mms_adp, contrastive, cosine)))
 
 
-@dataclass
-class Run:
-    """One trained loss: its history (validation curves) and its test-set retrieval report."""
-
-    history: History
-    test: dict
-
-    @property
-    def best_epoch(self) -> int:
-        """1-based epoch of the best validation rsum (seed 000's "Ep")."""
-        return self.history.best["epoch"] + 1
-
-    def row(self) -> dict:
-        return {**{k: self.test[k] for k in COLUMNS if k != "Ep"}, "rsum": self.test["rsum"], "Ep": self.best_epoch}
-
-
 def train_one(pair_loss: PairLoss, train: FeatureSplit, val: FeatureSplit, test: FeatureSplit, cfg: Config,
               epochs: int, progress: bool = True, desc: str = "training") -> Run:
     """Train fresh heads with ``pair_loss`` (Adam, cfg's lr and batch size, seeded) and score them on test."""
     seed_everything(cfg.seed)
     model, history = train_dual_encoder(train, val, cfg, pair_loss, epochs=epochs, progress=progress, desc=desc)
-    return Run(history, evaluate(model, test))
+    return Run(model, history, evaluate(model, test))
 
 
 def train_zoo(train: FeatureSplit, val: FeatureSplit, test: FeatureSplit, cfg: Config,
