@@ -214,8 +214,11 @@ def test_encode_cached_writes_then_reads(monkeypatch, tmp_path):
     enc = fake_image_encoder()
     first = encode_cached(enc, imgs, progress=False)
     torch.testing.assert_close(first, torch.from_numpy(imgs).float().mean((1, 2)))
-    files = list((tmp_path / "features").glob("fake-*.pt"))
-    assert len(files) == 1 and torch.equal(torch.load(files[0]), first)
+    files = list((tmp_path / "features").glob("pooled-fake-*.pt"))
+    assert len(files) == 1
+    entry = torch.load(files[0])
+    assert torch.equal(entry["payload"], first)
+    assert entry["meta"]["encoder"] == "fake|pp1" and entry["meta"]["n"] == 5  # what it was computed from
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
@@ -296,3 +299,58 @@ def test_dual_encoder():
     zi, zt = dual(a, b)
     assert torch.equal(zi, img(a)) and torch.equal(zt, txt(b))
     assert torch.equal(dual.encode_images(a), zi) and torch.equal(dual.encode_texts(b), zt)
+
+
+# ---------------------------------------------------------------- sequences (token states, patch grids)
+def test_sequence_features_pool_to_the_pooled_features(monkeypatch, tmp_path, effnet, mini):
+    monkeypatch.setenv("MMALIGN_CACHE", str(tmp_path))
+    imgs = tiny_images(3, 64, 64)
+    patches, pmask = E.encode_sequences_cached(effnet, imgs, progress=False)
+    assert patches.shape == (3, 9, 1280) and pmask.all()  # 96-px input, stride 32: a 3 x 3 grid
+    # float16 on disk: the mean over patches equals the pooled feature to half precision
+    torch.testing.assert_close(patches.mean(1), effnet.encode(imgs), rtol=2e-3, atol=2e-3)
+    texts = ["a red cube left of a blue sphere", "a cone", "two small green cylinders behind a cube", "a cone"]
+    tokens, tmask = E.encode_sequences_cached(mini, texts, progress=False)
+    assert tokens.shape[:2] == tmask.shape and tokens.shape[0] == 4
+    assert (tokens[~tmask] == 0).all()  # padding is exactly zero
+    assert tmask.sum(1).tolist()[1] == tmask.sum(1).tolist()[3] < tmask.sum(1).tolist()[2]
+    torch.testing.assert_close(tokens[1], tokens[3])  # same text, same rows, in the input order
+    pooled = F.normalize(mean_pool(tokens, tmask), dim=-1)
+    torch.testing.assert_close(pooled, mini.encode(texts), rtol=0, atol=2e-3)
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(mini, "_encode_sequence", boom)
+    again, again_mask = E.encode_sequences_cached(mini, texts, progress=False)  # a hit
+    assert torch.equal(again, tokens) and torch.equal(again_mask, tmask)
+
+
+def test_sequence_features_bad_input(effnet):
+    with pytest.raises(ValueError, match="nothing to encode"):
+        E.encode_sequences_cached(effnet, [], progress=False)
+    with pytest.raises(ValueError, match="not one string"):
+        E.encode_sequences_cached("minilm", "a cube", progress=False)
+    pooled_only = fake_image_encoder()
+    with pytest.raises(ValueError, match="pooled features only"):
+        pooled_only.encode_sequence(tiny_images(1))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_encode_threads_rejects_bad_values(monkeypatch, value):
+    monkeypatch.setenv("MMALIGN_ENCODE_THREADS", value)
+    with pytest.raises(ValueError, match="MMALIGN_ENCODE_THREADS"):
+        E.encode_threads()
+
+
+def test_encoding_pins_the_thread_count_and_restores_it(monkeypatch):
+    monkeypatch.setenv("MMALIGN_ENCODE_THREADS", "2")
+    seen = []
+    enc = FrozenEncoder("t", "image", 1, "p", lambda x: seen.append(torch.get_num_threads()) or torch.zeros(len(x), 1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encode_batched(enc, tiny_images(3), batch_size=2, progress=False)
+        assert seen == [2, 2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

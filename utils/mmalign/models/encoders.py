@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import socket
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -59,11 +60,24 @@ class FrozenEncoder:
     _encode: Callable
     device: torch.device = torch.device("cpu")
     module: torch.nn.Module | None = None
+    _encode_sequence: Callable | None = None
 
     @torch.no_grad()
     def encode(self, batch) -> torch.Tensor:
         out = self._encode(batch)
         return torch.as_tensor(out, dtype=torch.float32).cpu()
+
+    @torch.no_grad()
+    def encode_sequence(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (texts) or patch features (images) before pooling.
+
+        Returns ``(features (B, L, dim) float32, mask (B, L) bool)`` on CPU; ``mask`` is False at
+        padding tokens (always True for image patches, which form a row-major ``h x w`` grid).
+        """
+        if self._encode_sequence is None:
+            raise ValueError(f"encoder {self.name!r} gives pooled features only, not token or patch sequences")
+        feats, mask = self._encode_sequence(batch)
+        return torch.as_tensor(feats, dtype=torch.float32).cpu(), torch.as_tensor(mask).bool().cpu()
 
     def cache_id(self) -> str:
         return f"{self.name}|{self.preprocess_id}"
@@ -122,8 +136,13 @@ def efficientnet_lite0(input_size: int = 96, device=None) -> FrozenEncoder:
         x = preprocess_images(images, input_size).to(device)
         return net.extract_features(x).mean((2, 3))
 
+    def encode_patches(images):  # (B, 1280, h, w) -> (B, h*w, 1280): the mean over patches is `encode`
+        grid = net.extract_features(preprocess_images(images, input_size).to(device))
+        patches = grid.flatten(2).transpose(1, 2)
+        return patches, torch.ones(patches.shape[:2], dtype=torch.bool)
+
     return FrozenEncoder("efficientnet_lite0", "image", 1280, PREPROCESS_IDS["efficientnet_lite0"](input_size),
-                         encode, device, net)
+                         encode, device, net, encode_patches)
 
 
 # --- text ------------------------------------------------------------------------------------------------
@@ -163,7 +182,14 @@ def _hf_text_encoder(name: str, path: str, device, max_length: int) -> FrozenEnc
         batch = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
         return F.normalize(mean_pool(net(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
 
-    return FrozenEncoder(name, "text", net.config.hidden_size, PREPROCESS_IDS["minilm"](max_length), encode, device, net)
+    def encode_tokens(texts: Sequence[str]):  # last hidden states (B, L, D) and the attention mask
+        if isinstance(texts, str):
+            raise ValueError("pass a list of strings, not one string")
+        batch = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        return net(**batch).last_hidden_state, batch["attention_mask"].bool()
+
+    return FrozenEncoder(name, "text", net.config.hidden_size, PREPROCESS_IDS["minilm"](max_length), encode, device,
+                         net, encode_tokens)
 
 
 def e5_small(num_threads: int = 2) -> FrozenEncoder:
@@ -256,12 +282,43 @@ def fingerprint(data) -> str:
     return h.hexdigest()[:16]
 
 
+def encode_threads() -> int:
+    """Threads used to encode features: ``MMALIGN_ENCODE_THREADS`` (default 2).
+
+    A CPU convolution's result depends (in the last bits, about 1e-5) on how many threads split its
+    sums, and a one-seed reference table can move by a few rsum points from that alone. Encoding with
+    one fixed thread count everywhere (the data step, a notebook, ``make results``) makes the cached
+    features, and so the results files, the same on every run of a machine of this kind.
+    """
+    import os
+
+    value = os.environ.get("MMALIGN_ENCODE_THREADS", "2")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MMALIGN_ENCODE_THREADS={value!r} must be a whole number >= 1 (default 2)")
+    return int(value)
+
+
+@contextlib.contextmanager
+def _encoding_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(encode_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def encode_batched(encoder: FrozenEncoder, data, batch_size: int = 128, progress: bool = True) -> torch.Tensor:
     """Encode an array of images or a list of texts in batches: (N, dim) float32 on CPU.
 
     Texts are deduplicated and sorted by length first (captions repeat, and batches of similar length
-    waste no padding); the result is in the input order.
+    waste no padding); the result is in the input order. Runs on :func:`encode_threads` threads.
     """
+    with _encoding_threads():
+        return _encode_batched(encoder, data, batch_size, progress)
+
+
+def _encode_batched(encoder: FrozenEncoder, data, batch_size: int, progress: bool) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     n = len(data)
@@ -269,7 +326,7 @@ def encode_batched(encoder: FrozenEncoder, data, batch_size: int = 128, progress
         raise ValueError("nothing to encode: the input is empty")
     if not isinstance(data, (np.ndarray, torch.Tensor)) and not _sorted(data):
         unique = sorted(set(data), key=lambda t: (len(t), t))
-        feats = encode_batched(encoder, unique, batch_size, progress)
+        feats = _encode_batched(encoder, unique, batch_size, progress)
         row = {text: i for i, text in enumerate(unique)}
         return feats[torch.tensor([row[t] for t in data])]
     chunks = range(0, n, batch_size)
@@ -284,28 +341,105 @@ def _sorted(texts) -> bool:
     return all(a < b for a, b in zip(keys, keys[1:]))
 
 
+def _resolve(encoder: FrozenEncoder | str, encoder_kwargs: dict) -> tuple[str, str]:
+    """(name, cache id) of a loaded encoder or of an offline one named by a string (not loaded)."""
+    if isinstance(encoder, str):
+        if encoder not in PREPROCESS_IDS:
+            raise ValueError(f"pass a loaded encoder or one of {OFFLINE_ENCODERS}, got {encoder!r}")
+        return encoder, f"{encoder}|{PREPROCESS_IDS[encoder](**encoder_kwargs)}"
+    return encoder.name, encoder.cache_id()
+
+
+def _cache_path(kind: str, name: str, meta: dict):
+    from ..data.cache import CACHE_FORMAT
+
+    key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir("features") / f"{kind}-{name.replace(':', '_').replace('/', '_')}-{key}-v{CACHE_FORMAT}.pt"
+
+
 def encode_cached(encoder: FrozenEncoder | str, data, batch_size: int = 128, progress: bool = True,
                   **encoder_kwargs) -> torch.Tensor:
     """Like :func:`encode_batched`, read from / written to the feature cache.
 
     ``encoder`` is a loaded encoder or the name of an offline one (loaded only on a cache miss).
-    The cache key is (encoder name, preprocessing, hash of the data): change any of the three and
-    the features are recomputed.
+    The entry records the encoder, its preprocessing, a hash of the data and the number of rows; on
+    load all four must match and the tensor must have one finite row per input, otherwise it is
+    recomputed (see :mod:`mmalign.data.cache`).
     """
-    if isinstance(encoder, str):
-        if encoder not in PREPROCESS_IDS:
-            raise ValueError(f"encode_cached takes a loaded encoder or one of {OFFLINE_ENCODERS}, got {encoder!r}")
-        name, cache_id = encoder, f"{encoder}|{PREPROCESS_IDS[encoder](**encoder_kwargs)}"
-    else:
-        name, cache_id = encoder.name, encoder.cache_id()
-    key = hashlib.sha1(f"{cache_id}|{fingerprint(data)}|{len(data)}".encode()).hexdigest()[:20]
-    path = cache_dir("features") / f"{name.replace(':', '_').replace('/', '_')}-{key}.pt"
-    if path.exists():
-        return torch.load(path)
+    from ..data.cache import load_entry, rows_check, save_entry
+
+    if len(data) == 0:
+        raise ValueError("nothing to encode: the input is empty")
+    name, cache_id = _resolve(encoder, encoder_kwargs)
+    meta = {"kind": "pooled", "encoder": cache_id, "data": fingerprint(data), "n": len(data)}
+    path = _cache_path("pooled", name, meta)
+    feats = load_entry(path, meta, rows_check(len(data)))
+    if feats is not None:
+        return feats
     if isinstance(encoder, str):
         encoder = load_encoder(encoder, **encoder_kwargs)
     feats = encode_batched(encoder, data, batch_size, progress)
-    tmp = path.with_suffix(".tmp")
-    torch.save(feats, tmp)
-    tmp.replace(path)
+    save_entry(path, feats, meta)
     return feats
+
+
+def encode_sequences_cached(encoder: FrozenEncoder | str, data, batch_size: int = 64, progress: bool = True,
+                            **encoder_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states of texts or patch features of images, cached like :func:`encode_cached`.
+
+    Returns ``(features (N, L, dim) float32, mask (N, L) bool)``: texts are padded to the longest
+    one (mask False at padding), images give their ``h x w`` patch grid row-major (mask all True).
+    Used by the attention fusions of chapter 7 and the transformer towers of chapter 8.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.cache import load_entry, save_entry
+
+    n = len(data)
+    if n == 0:
+        raise ValueError("nothing to encode: the input is empty")
+    if isinstance(data, str):
+        raise ValueError("pass a list of strings, not one string")
+    name, cache_id = _resolve(encoder, encoder_kwargs)
+    meta = {"kind": "sequence", "encoder": cache_id, "data": fingerprint(data), "n": n}
+
+    def check(payload):
+        if not (isinstance(payload, dict) and set(payload) == {"features", "mask"}):
+            return "not a (features, mask) entry"
+        f, m = payload["features"], payload["mask"]
+        if f.dim() != 3 or f.shape[0] != n or m.shape != f.shape[:2] or m.dtype != torch.bool:
+            return f"of shapes {tuple(f.shape)} / {tuple(m.shape)}, expected {n} rows"
+        if not bool(m.any(1).all()):
+            return "holding a row with no valid token"
+        return None
+
+    path = _cache_path("sequence", name, meta)
+    entry = load_entry(path, meta, check)
+    if entry is not None:
+        return entry["features"].float(), entry["mask"]
+    if isinstance(encoder, str):
+        encoder = load_encoder(encoder, **encoder_kwargs)
+    is_text = not isinstance(data, (np.ndarray, torch.Tensor))
+    order = sorted(range(n), key=lambda i: len(data[i])) if is_text else list(range(n))
+    chunks = range(0, n, batch_size)
+    if progress:
+        chunks = tqdm(chunks, desc=f"encoding sequences with {encoder.name}", leave=False)
+    parts = []
+    with _encoding_threads():
+        for i in chunks:
+            idx = order[i:i + batch_size]
+            batch = [data[j] for j in idx] if is_text else data[idx]
+            parts.append(encoder.encode_sequence(batch))
+    length = max(f.shape[1] for f, _ in parts)
+    feats = torch.zeros(n, length, parts[0][0].shape[2], dtype=torch.float16)
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    rows = torch.tensor(order)
+    start = 0
+    for f, m in parts:
+        idx = rows[start:start + f.shape[0]]
+        feats[idx, :f.shape[1]] = f.half()
+        mask[idx, :m.shape[1]] = m
+        start += f.shape[0]
+    feats = feats * mask.unsqueeze(-1)  # padding rows are exactly zero
+    save_entry(path, {"features": feats, "mask": mask}, meta)  # float16 on disk: half the size
+    return feats.float(), mask
