@@ -129,6 +129,13 @@ print(f"MiniLM cosine, captions of two different scenes: {sim_text[~same_scene].
 # $1 - \binom{G-P}{K} / \binom{G}{K}$: that is the chance level. `mmalign.retrieval` orders tied scores at
 # random and returns the *expected* recall, so a collapsed model that gives every pair the same score
 # scores exactly chance, never 100 %.
+#
+# Lab 0 asks for a simpler rule: a tie counts **against** the query (a hit needs fewer than $K$ other
+# items scoring at least as high as the positive). Both rules refuse to flatter a collapsed model, and
+# they agree whenever no scores tie, which is the case for trained float embeddings. They differ only on
+# ties: the library's expected recall gives a fully collapsed model exactly the chance level (a fair
+# baseline for a table), while counting ties against the query gives it 0 (a strict rule that is easy
+# to implement by hand). The cell below checks both on a collapsed model.
 
 # %%
 import pandas as pd
@@ -140,6 +147,20 @@ chance = {f"i2t_R@{k}": 100 * chance_recall(len(test.texts), k_captions, k) for 
 chance.update({f"t2i_R@{k}": 100 * chance_recall(len(test.world), 1, k) for k in (1, 5, 10)})
 chance["rsum"] = sum(chance.values())
 pd.DataFrame({"chance": chance}).T.round(2)
+
+# %%
+# A collapsed model: every image and every caption gets the same embedding, so every score ties.
+from mmalign.retrieval import recall_at_k
+
+collapsed_img, collapsed_txt = torch.ones(len(test.world), 8), torch.ones(len(test.texts), 8)
+expected_r = recall_at_k(collapsed_txt, collapsed_img, test.text_ids, test.image_ids, ks=(1, 5, 10))
+# the lab's rule: a hit needs fewer than K other items scoring at least as high as the positive
+n_at_least_as_high = len(test.world) - 1  # every other image ties with the positive
+strict_r = {k: float(n_at_least_as_high < k) for k in (1, 5, 10)}
+print("library (expected under random tie-breaking), t2i:", {k: round(100 * v, 2) for k, v in expected_r.items()})
+print("ties counted against the query, t2i:          ", {k: 100 * v for k, v in strict_r.items()})
+for k in (1, 5, 10):
+    assert abs(100 * expected_r[k] - chance[f"t2i_R@{k}"]) < 1e-6 and strict_r[k] == 0.0
 
 # %% [markdown]
 # ## 4. Learning the shared space with InfoNCE

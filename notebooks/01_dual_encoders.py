@@ -300,15 +300,21 @@ assert info_nce_rsum > max(rsum.values()) - 25
 # ($r = 1$ when either norm is 0; the WIT project used $c = 10$). The step of every layer is then
 # $\eta \lVert w \rVert$ in size: $\eta$ is a *relative* change per layer, which is why LAMB's learning
 # rates are not Adam's. A hand-worked case: $w = (3, 4)$ has norm 5; an update $u = (0.6, 0.8)$ has norm
-# 1, so $r = 5$ and the step is $\eta \cdot (3, 4)$; an update 100 times larger is clamped at $c$.
+# 1, so $r = 5$ and the step is $\eta \cdot (3, 4)$. An update 100 times *smaller*, $u / 100$, would get
+# $r = 500$: the clamp caps it at $c = 10$, so a layer whose Adam update has nearly vanished is not blown
+# up to a full-size step.
 
 # %%
 from mmalign.optim import lamb_trust_ratio
 
 w = torch.tensor([3.0, 4.0])
-print("r(w, u)        =", float(lamb_trust_ratio(w, torch.tensor([0.6, 0.8]))))
-print("r(w, 0.01 u)   =", float(lamb_trust_ratio(w, torch.tensor([0.006, 0.008]))), "(clamped at c = 10)")
-print("r(0, u)        =", float(lamb_trust_ratio(torch.zeros(2), torch.tensor([0.6, 0.8]))), "(zero weights: plain Adam)")
+r_u = float(lamb_trust_ratio(w, torch.tensor([0.6, 0.8])))
+r_small = float(lamb_trust_ratio(w, torch.tensor([0.006, 0.008])))
+r_zero = float(lamb_trust_ratio(torch.zeros(2), torch.tensor([0.6, 0.8])))
+print("r(w, u)        =", r_u)
+print("r(w, u / 100)  =", r_small, "(500 before the clamp at c = 10)")
+print("r(0, u)        =", r_zero, "(zero weights: plain Adam)")
+assert abs(r_u - 5) < 1e-6 and abs(r_small - 10) < 1e-6 and r_zero == 1, (r_u, r_small, r_zero)
 for name, p in model.named_parameters():
     print(f"{name:20s} shape {str(tuple(p.shape)):12s} |w| = {p.norm():.2f}")
 

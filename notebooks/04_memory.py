@@ -144,8 +144,11 @@ for step in range(3):
 # ## 3. One budget, every source of negatives
 #
 # Every row trains from the same initial heads for the same number of epochs at the same learning rate;
-# the batch size is $B$ except for one in-batch run with a batch four times larger (the thing a queue
-# tries to imitate). Validation Recall@K is scored a few times per epoch, and `fit` keeps the best weights.
+# the batch size is $B$ except for one in-batch run with a batch four times larger. A queue is often
+# described as a cheap way to imitate a large batch, but at a fixed number of epochs the large batch
+# also takes four times fewer optimizer steps, so that row is not "what a queue imitates" for free: it
+# pays in steps what it gains in negatives (the reference table at the end shows it scoring *below*
+# $B$). Validation Recall@K is scored a few times per epoch, and `fit` keeps the best weights.
 # The last columns are the cost: extra memory held by the method (queues and momentum copy, or memory),
 # and the wall time per training step on this machine.
 
@@ -178,7 +181,12 @@ plt.show()
 # %% [markdown]
 # Read the table above with the noise of a small run in mind: in the CI profile the test split has a few
 # hundred images and the runs are short, so differences of a few rsum points between neighbouring rows
-# change from seed to seed. The full-profile table below is the one to compare orderings with.
+# change from seed to seed. The full-profile table below is larger but is still one seed and one epoch:
+# in it the in-batch run at $B$, the memory of hard negatives and the three queue sizes at $m = 0.99$
+# all lie within about 8 rsum points of one another (asserted at the end), which we read as *no
+# measured difference*. In particular the memory of hard negatives does **not** beat in-batch negatives
+# here (it scores slightly below in the reference table), and no queue size is clearly better than in-batch
+# negatives at this budget. What *is* large and robust is the effect of the momentum, below.
 #
 # ## 4. Staleness, measured
 #
@@ -210,11 +218,11 @@ pd.DataFrame({n: {"key consistency": table[n]["key consistency"], "test rsum": t
 # %% [markdown]
 # The momentum encoder is what makes a large queue usable: with $m = 0$ the queue is full of keys that the
 # current encoder would no longer produce, and the loss pushes queries away from points that are not
-# where those items now lie. How high the momentum should be depends on the length of the run: with a very
-# high $m$ in a short run the key encoder stays close to its initialisation, a random projection of the
-# frozen features, which still carries their structure, so its keys are consistent but not trained.
-# MoCo uses $m = 0.999$ over hundreds of thousands of steps and ALBEF $0.995$; compare the momentum rows of
-# the live and reference tables.
+# where those items now lie. In our sweep, higher is better all the way up: $m = 0.999$, the highest value
+# tried, is the best momentum row of the reference table (asserted below), with the most consistent keys.
+# A momentum can in principle be too high for a run (with $1/(1-m)$ far above the number of steps the key
+# encoder barely leaves its initialisation), but we did not reach that point here, so we do not claim it.
+# MoCo uses $m = 0.999$ over hundreds of thousands of steps and ALBEF $0.995$.
 #
 # ## 5. What each costs
 #
@@ -255,9 +263,6 @@ no_momentum, momentum = table[f"MoCo K={K}, m=0.0"], table[f"MoCo K={K}, m={budg
 # without momentum the queued keys are stale; the momentum encoder keeps them consistent, and learns better
 assert momentum["key consistency"] > no_momentum["key consistency"] + 0.2
 assert momentum["rsum"] > no_momentum["rsum"]
-# with a small batch, a momentum queue beats in-batch negatives
-best_queue = max(table[f"MoCo K={k}, m={budget['momentum']}"]["rsum"] for k in budget["queue_sizes"])
-assert best_queue > table[f"in-batch (B={budget['batch_size']})"]["rsum"]
 # a queue multiplies the negatives per anchor at a small memory cost
 assert momentum["negatives / anchor"] > 10 * table[f"in-batch (B={budget['batch_size']})"]["negatives / anchor"]
 assert momentum["extra MiB"] < 50
@@ -278,6 +283,20 @@ print(f"profile={reference['profile']}  date={reference['date']}  seed={referenc
 display(HTML(results_table_html(reference["table"], columns=list(next(iter(reference["table"].values())))
                                 + ["key consistency"], higher_is_better=cost_columns)))
 
+# %%
+# The sentences about the reference table, checked on the committed numbers.
+ref = {name: row["rsum"] for name, row in reference["table"].items()}
+b_small, b_large = sorted((n for n in ref if n.startswith("in-batch")), key=lambda n: int(n.split("=")[1].rstrip(")")))
+memory_row = next(n for n in ref if n.startswith("memory"))
+queue_rows = [n for n in ref if n.startswith("MoCo") and n.endswith("m=0.99")]
+assert ref[b_large] < ref[b_small], "the 4x batch scores below B at the same number of epochs"
+assert ref[memory_row] < ref[b_small], "the memory of hard negatives does not beat in-batch here"
+close = [ref[b_small], ref[memory_row]] + [ref[n] for n in queue_rows]
+assert max(close) - min(close) < 8, f"in-batch, memory and queues within 8 rsum: {close}"
+momentum_sweep = {n: ref[n] for n in ref if n.startswith("MoCo K=4096")}
+assert max(momentum_sweep, key=momentum_sweep.get).endswith("m=0.999"), momentum_sweep
+assert momentum_sweep["MoCo K=4096, m=0.999"] - momentum_sweep["MoCo K=4096, m=0.0"] > 50
+
 # %% [markdown]
 # ## Takeaways
 #
@@ -286,8 +305,9 @@ display(HTML(results_table_html(reference["table"], columns=list(next(iter(refer
 # * A queue of keys is only as good as their consistency. The momentum encoder,
 #   $\theta_k \leftarrow m\theta_k + (1-m)\theta_q$, keeps keys written many steps apart comparable; without
 #   it the oldest keys of a large queue come from a different encoder (section 4 measures it).
-# * The momentum must fit the length of the run: too low and the queue is stale; very high keeps the key
-#   encoder near its initialisation for a short run.
+# * Too low a momentum makes the queue stale and training worse; in our sweep the highest momentum tried
+#   ($m = 0.999$) was the best. At this scale neither the queue size nor the memory of hard negatives
+#   beat plain in-batch negatives by more than the noise of one run.
 # * Masking by item id matters twice: same-scene captions in the batch, and copies of the positive in a
 #   queue that outlives an epoch.
 #
