@@ -6,6 +6,8 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 PROFILE ?= ci
 SOLUTION_NBS := .cache/solutions-ipynb
+# pytest workers: one per core (each runs one torch thread in the ci profile); a notebook stays on one worker
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 export PATH := $(BIN):$(PATH)
 
 .PHONY: help install data test book lab labs check-labs sync grade grade-dir results clean
@@ -40,7 +42,7 @@ test: install
 	  $(BIN)/jupytext --quiet --to ipynb --set-kernel python3 -o $(SOLUTION_NBS)/$$(basename $${f%.py}).ipynb $$f || exit 1; \
 	done
 	MMALIGN_PROFILE=ci MPLBACKEND=Agg TQDM_MININTERVAL=2 $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
-	  --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q --durations=20
+	  -n $(TEST_WORKERS) --dist loadfile --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q --durations=20
 
 book: data
 	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book -W --keep-going
