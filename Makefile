@@ -10,17 +10,19 @@ SOLUTION_NBS := .cache/solutions-ipynb
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install data test book lab labs check-labs sync grade grade-dir results clean
+.PHONY: help install data test book check-book lab labs check-labs sync grade grade-dir results bench clean
 
 help:
 	@echo "make test     install, then run every unit test, notebook, solution and lab check (CI profile)"
 	@echo "make book     install, then execute every notebook and build the site into book/_build/html"
+	@echo "make check-book  open the built site (and JupyterLab) in headless Chromium, network cut off"
 	@echo "make lab      JupyterLab on the course"
 	@echo "make labs     regenerate labs/ from solutions/ (never edit labs by hand)"
 	@echo "make sync     pair notebooks/*.py with notebooks/*.ipynb (outputs stripped)"
 	@echo "make grade SUB=path/to/submission.ipynb   autograde one student notebook"
 	@echo "make grade-dir DIR=submissions            autograde every DIR/<student>/NN_name.ipynb into a CSV"
 	@echo "make results CHAPTER=02   write a chapter's full-profile reference table to results/"
+	@echo "make bench    time mmalign against pytorch-metric-learning, faiss, torch-optimizer, POT -> results/bench.json"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,12 +46,21 @@ test: install
 	MMALIGN_PROFILE=ci MPLBACKEND=Agg TQDM_MININTERVAL=2 $(BIN)/python -m pytest tests notebooks/*.ipynb $(SOLUTION_NBS)/*.ipynb \
 	  -n $(TEST_WORKERS) --dist loadfile --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider -q --durations=20
 
+# BOOK_CONFIG: another _config.yml (CI uses one that executes only some chapters; see .ci/run).
+BOOK_CONFIG ?= book/_config.yml
 book: data
-	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book -W --keep-going
-	$(BIN)/python book/check_site.py
+	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book --config $(BOOK_CONFIG) -W --keep-going
+	$(BIN)/python book/check_site.py $(BOOK_CONFIG)
 
+# Needs Chromium (apt-get install chromium); skips with a message without it.
+check-book: install
+	$(BIN)/python -m pytest tests/test_site_browser.py -p no:cacheprovider -q -rs
+
+# jupyter_config/ (added to Jupyter's config path, your ~/.jupyter untouched) makes the course's
+# .py sources open as notebooks (jupytext's "Jupytext Notebook" viewer) on a double click.
 lab: install
-	$(BIN)/jupyter lab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
+	JUPYTER_CONFIG_PATH=$(CURDIR)/jupyter_config$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH} \
+	  $(BIN)/jupyter lab --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 labs: install
 	$(BIN)/python -m mmalign.labs generate solutions labs
@@ -72,6 +83,12 @@ grade-dir: install
 results: install
 	@test -n "$(CHAPTER)" || { echo "usage: make results CHAPTER=02"; exit 2; }
 	MMALIGN_PROFILE=full $(BIN)/python -m mmalign.experiments $(CHAPTER)
+
+# Side-by-side benchmarks against the peer libraries (the optional `bench` extra), writing results/bench.json.
+bench: install
+	$(BIN)/python -c "import faiss, pytorch_metric_learning, torch_optimizer, ot" 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet "pytorch-metric-learning>=2.5" "faiss-cpu>=1.8" "torch-optimizer>=0.3" "POT>=0.9"
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf book/_build $(SOLUTION_NBS) .pytest_cache

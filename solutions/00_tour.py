@@ -72,16 +72,16 @@ def my_info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: fl
 from mmalign.losses import info_nce
 
 eye = torch.eye(2, dtype=torch.float64)
-assert math.isclose(float(my_info_nce(eye, eye, temperature=1.0)), math.log(1 + math.exp(-1)), rel_tol=1e-9)
+assert math.isclose(float(my_info_nce(eye, eye, temperature=1.0)), math.log(1 + math.exp(-1)), rel_tol=1e-9), f"expected {math.log(1 + math.exp(-1))}, got {float(my_info_nce(eye, eye, temperature=1.0))}"
 a, b = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
-assert torch.allclose(my_info_nce(a, b, 0.1), info_nce(a, b, 0.1), atol=1e-10)
+assert torch.allclose(my_info_nce(a, b, 0.1), info_nce(a, b, 0.1), atol=1e-10), f"expected {info_nce(a, b, 0.1)}, got {my_info_nce(a, b, 0.1)}"
 ### BEGIN HIDDEN TESTS
-assert torch.isfinite(my_info_nce(a, b, 0.01)), "use logsumexp: the loss must stay finite at tau = 0.01"
-assert torch.allclose(my_info_nce(a, b, 0.01), info_nce(a, b, 0.01), atol=1e-8)
+assert torch.isfinite(my_info_nce(a, b, 0.01)), f"use logsumexp: expected a finite loss at tau = 0.01, got {my_info_nce(a, b, 0.01)}"
+assert torch.allclose(my_info_nce(a, b, 0.01), info_nce(a, b, 0.01), atol=1e-8), f"expected {info_nce(a, b, 0.01)}, got {my_info_nce(a, b, 0.01)}"
 a.requires_grad_(True)
 g_mine, = torch.autograd.grad(my_info_nce(a, b, 0.2), a)
 g_ref, = torch.autograd.grad(info_nce(a, b, 0.2), a)
-assert torch.allclose(g_mine, g_ref, atol=1e-10)
+assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -119,16 +119,16 @@ from mmalign.retrieval import recall_at_k
 gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
 query = torch.tensor([[1.0, 0.1], [1.0, 0.5], [1.0, 1.0]])
 positive = torch.tensor([0, 1, 1])
-assert math.isclose(my_recall_at_k(query, gallery, positive, 1), 1 / 3, abs_tol=1e-6)
-assert my_recall_at_k(query, gallery, positive, 2) == 1.0
+assert math.isclose(my_recall_at_k(query, gallery, positive, 1), 1 / 3, abs_tol=1e-6), f"expected {1 / 3}, got {my_recall_at_k(query, gallery, positive, 1)}"
+assert my_recall_at_k(query, gallery, positive, 2) == 1.0, f"expected {1.0}, got {my_recall_at_k(query, gallery, positive, 2)}"
 q, g = torch.randn(50, 6), torch.randn(40, 6)  # continuous random scores: no ties
 pos = torch.randint(0, 40, (50,))
 for k in (1, 5, 10):
-    assert math.isclose(my_recall_at_k(q, g, pos, k), recall_at_k(q, g, pos, torch.arange(40), (k,))[k], abs_tol=1e-6)
+    assert math.isclose(my_recall_at_k(q, g, pos, k), recall_at_k(q, g, pos, torch.arange(40), (k,))[k], abs_tol=1e-6), f"expected {recall_at_k(q, g, pos, torch.arange(40), (k,))[k]}, got {my_recall_at_k(q, g, pos, k)}"
 ### BEGIN HIDDEN TESTS
 collapsed = torch.ones(5, 3)
-assert my_recall_at_k(collapsed, collapsed, torch.arange(5), 4) == 0.0, "ties must count against the query"
-assert my_recall_at_k(collapsed, collapsed, torch.arange(5), 5) == 1.0
+assert my_recall_at_k(collapsed, collapsed, torch.arange(5), 4) == 0.0, f"ties must count against the query: expected {0.0}, got {my_recall_at_k(collapsed, collapsed, torch.arange(5), 4)}"
+assert my_recall_at_k(collapsed, collapsed, torch.arange(5), 5) == 1.0, f"expected {1.0}, got {my_recall_at_k(collapsed, collapsed, torch.arange(5), 5)}"
 for bad_k in (0, 41):
     try:
         my_recall_at_k(q, g, pos, bad_k)
@@ -170,8 +170,8 @@ chance_r10 = 10 / len(val.world)
 print(f"text -> image R@10 on validation: {100 * val_r10:.1f} %  (chance {100 * chance_r10:.1f} %)")
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert history.loss[-1] < history.loss[0], "the loss should go down"
-assert val_r10 > 5 * chance_r10, "trained retrieval should be far above chance"
+assert history.loss[-1] < history.loss[0], f"the loss should go down: expected last < first, got first {history.loss[0]:.4f}, last {history.loss[-1]:.4f}"
+assert val_r10 > 5 * chance_r10, f"trained retrieval should be far above chance: expected R@10 > {5 * chance_r10:.3f}, got {val_r10:.3f}"
 
 # %% [markdown]
 # ## Takeaway

@@ -74,14 +74,14 @@ from mmalign.losses import cosine_embedding_loss
 a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
 b = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
 y = torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)
-assert math.isclose(float(my_cosine_embedding_loss(a, b, y, margin=0.5)), (1 / math.sqrt(2) - 0.5) / 3, rel_tol=1e-9)
+assert math.isclose(float(my_cosine_embedding_loss(a, b, y, margin=0.5)), (1 / math.sqrt(2) - 0.5) / 3, rel_tol=1e-9), f"expected {(1 / math.sqrt(2) - 0.5) / 3}, got {float(my_cosine_embedding_loss(a, b, y, margin=0.5))}"
 x1, x2 = torch.randn(20, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
 t = torch.where(torch.rand(20) < 0.5, 1.0, -1.0).double()
 for m in (-0.2, 0.0, 0.3):
-    assert torch.allclose(my_cosine_embedding_loss(x1, x2, t, m), cosine_embedding_loss(x1, x2, t, m), atol=1e-10)
+    assert torch.allclose(my_cosine_embedding_loss(x1, x2, t, m), cosine_embedding_loss(x1, x2, t, m), atol=1e-10), f"expected {cosine_embedding_loss(x1, x2, t, m)}, got {my_cosine_embedding_loss(x1, x2, t, m)}"
 ### BEGIN HIDDEN TESTS
 assert torch.allclose(my_cosine_embedding_loss(x1, x2, t, 0.1),
-                      torch.nn.CosineEmbeddingLoss(margin=0.1)(x1, x2, t), atol=1e-10)
+                      torch.nn.CosineEmbeddingLoss(margin=0.1)(x1, x2, t), atol=1e-10), f"expected {torch.nn.CosineEmbeddingLoss(margin=0.1)(x1, x2, t)}, got {my_cosine_embedding_loss(x1, x2, t, 0.1)}"
 try:
     my_cosine_embedding_loss(x1, x2, (t > 0).double(), 0.0)
 except ValueError:
@@ -91,7 +91,7 @@ else:
 x1.requires_grad_(True)
 g_mine, = torch.autograd.grad(my_cosine_embedding_loss(x1, x2, t, 0.2), x1)
 g_ref, = torch.autograd.grad(cosine_embedding_loss(x1, x2, t, 0.2), x1)
-assert torch.allclose(g_mine, g_ref, atol=1e-10)
+assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -128,19 +128,19 @@ def my_trust_ratio(weight: torch.Tensor, update: torch.Tensor, clamp: float = 10
 from mmalign.optim import lamb_trust_ratio
 
 w = torch.tensor([3.0, 4.0])
-assert math.isclose(float(my_trust_ratio(w, torch.tensor([0.6, 0.8]))), 5.0, rel_tol=1e-6)
-assert math.isclose(float(my_trust_ratio(w, torch.tensor([0.006, 0.008]))), 10.0, rel_tol=1e-6)
-assert float(my_trust_ratio(torch.zeros(2), torch.tensor([0.6, 0.8]))) == 1.0
-assert float(my_trust_ratio(w, torch.zeros(2))) == 1.0
+assert math.isclose(float(my_trust_ratio(w, torch.tensor([0.6, 0.8]))), 5.0, rel_tol=1e-6), f"expected {5.0}, got {float(my_trust_ratio(w, torch.tensor([0.6, 0.8])))}"
+assert math.isclose(float(my_trust_ratio(w, torch.tensor([0.006, 0.008]))), 10.0, rel_tol=1e-6), f"expected {10.0}, got {float(my_trust_ratio(w, torch.tensor([0.006, 0.008])))}"
+assert float(my_trust_ratio(torch.zeros(2), torch.tensor([0.6, 0.8]))) == 1.0, f"expected {1.0}, got {float(my_trust_ratio(torch.zeros(2), torch.tensor([0.6, 0.8])))}"
+assert float(my_trust_ratio(w, torch.zeros(2))) == 1.0, f"expected {1.0}, got {float(my_trust_ratio(w, torch.zeros(2)))}"
 for _ in range(5):
     W, U = torch.randn(7, 5), 0.3 * torch.randn(7, 5)
-    assert torch.allclose(my_trust_ratio(W, U), lamb_trust_ratio(W, U), rtol=1e-6)
+    assert torch.allclose(my_trust_ratio(W, U), lamb_trust_ratio(W, U), rtol=1e-6), f"expected {lamb_trust_ratio(W, U)}, got {my_trust_ratio(W, U)}"
 ### BEGIN HIDDEN TESTS
-assert my_trust_ratio(W, U).dim() == 0, "return a 0-d tensor"
-assert math.isclose(float(my_trust_ratio(w, torch.tensor([0.006, 0.008]), clamp=3.0)), 3.0, rel_tol=1e-6)
-assert float(my_trust_ratio(torch.zeros(3, 3), torch.zeros(3, 3))) == 1.0
+assert my_trust_ratio(W, U).dim() == 0, f"return a 0-d tensor: expected {0}, got {my_trust_ratio(W, U).dim()}"
+assert math.isclose(float(my_trust_ratio(w, torch.tensor([0.006, 0.008]), clamp=3.0)), 3.0, rel_tol=1e-6), f"expected {3.0}, got {float(my_trust_ratio(w, torch.tensor([0.006, 0.008]), clamp=3.0))}"
+assert float(my_trust_ratio(torch.zeros(3, 3), torch.zeros(3, 3))) == 1.0, f"expected {1.0}, got {float(my_trust_ratio(torch.zeros(3, 3), torch.zeros(3, 3)))}"
 W64, U64 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-assert torch.allclose(my_trust_ratio(W64, U64, 2.5), lamb_trust_ratio(W64, U64, 2.5), atol=1e-12)
+assert torch.allclose(my_trust_ratio(W64, U64, 2.5), lamb_trust_ratio(W64, U64, 2.5), atol=1e-12), f"expected {lamb_trust_ratio(W64, U64, 2.5)}, got {my_trust_ratio(W64, U64, 2.5)}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -167,11 +167,11 @@ for name, p in layer.named_parameters():
     w, g = before[name], grads[name]
     u = g / (g.abs() + eps) + wd * w
     expected = w - lr * my_trust_ratio(w, u) * u
-    assert torch.allclose(p.detach(), expected, atol=1e-6), f"{name}: your step differs from LAMB's"
+    assert torch.allclose(p.detach(), expected, atol=1e-6), f"{name}: LAMB's step gave {p.detach()}, yours gives {expected}"
 ### BEGIN HIDDEN TESTS
 ratios = {name: float(my_trust_ratio(before[name], grads[name] / (grads[name].abs() + eps) + wd * before[name]))
           for name in before}
-assert ratios["bias"] < ratios["weight"], "the small-norm bias should get the smaller trust ratio"
+assert ratios["bias"] < ratios["weight"], f'the small-norm bias should get the smaller trust ratio: expected bias < weight, got {ratios}'
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -203,8 +203,8 @@ chance_r10 = 100 * 10 / len(val.world)
 print(f"text -> image R@10 on validation: {report['t2i_R@10']:.1f} %  (chance {chance_r10:.1f} %)")
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert history.loss[-1] < history.loss[0], "the loss should go down"
-assert report["t2i_R@10"] > 5 * chance_r10, "trained retrieval should be far above chance"
+assert history.loss[-1] < history.loss[0], f"the loss should go down: expected last < first, got first {history.loss[0]:.4f}, last {history.loss[-1]:.4f}"
+assert report["t2i_R@10"] > 5 * chance_r10, f'trained retrieval should be far above chance: expected t2i R@10 > {5 * chance_r10:.1f}, got {report["t2i_R@10"]:.1f}'
 
 # %% [markdown]
 # ## Takeaway

@@ -86,21 +86,21 @@ from mmalign.losses import AdaptiveMargin
 S = torch.tensor([[0.9, 0.5, 0.1], [0.6, 0.8, 0.3], [0.2, 0.0, 0.7]], dtype=torch.float64)
 ids3 = torch.tensor([0, 0, 1])
 m_img, m_txt = my_adaptive_margin(S, ids3, alpha=0.5)
-assert torch.allclose(m_img, torch.tensor([0.4, 0.5 * (0.8 - 0.3), 0.3], dtype=torch.float64))
-assert torch.allclose(m_txt, torch.tensor([0.5 * (0.9 - 0.2), 0.4, 0.5 * (0.7 - (0.1 + 0.3) / 2)], dtype=torch.float64))
+assert torch.allclose(m_img, torch.tensor([0.4, 0.5 * (0.8 - 0.3), 0.3], dtype=torch.float64)), f"expected {torch.tensor([0.4, 0.5 * (0.8 - 0.3), 0.3], dtype=torch.float64)}, got {m_img}"
+assert torch.allclose(m_txt, torch.tensor([0.5 * (0.9 - 0.2), 0.4, 0.5 * (0.7 - (0.1 + 0.3) / 2)], dtype=torch.float64)), f"expected {torch.tensor([0.5 * (0.9 - 0.2), 0.4, 0.5 * (0.7 - (0.1 + 0.3) / 2)], dtype=torch.float64)}, got {m_txt}"
 a, b = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
 ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8])
 sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 for mine, ref in zip(my_adaptive_margin(sim, ids, 0.5), AdaptiveMargin(0.5)(a, b, ids)):
-    assert torch.allclose(mine, ref, atol=1e-12)
+    assert torch.allclose(mine, ref, atol=1e-12), f"expected {ref}, got {mine}"
 ### BEGIN HIDDEN TESTS
 for mine, ref in zip(my_adaptive_margin(sim, ids, 1.3), AdaptiveMargin(1.3)(a, b, ids)):
-    assert torch.allclose(mine, ref, atol=1e-12)
+    assert torch.allclose(mine, ref, atol=1e-12), f"expected {ref}, got {mine}"
 same = torch.zeros(4, dtype=torch.long)
 for m in my_adaptive_margin(torch.rand(4, 4, dtype=torch.float64), same, 0.5):
-    assert torch.equal(m, torch.zeros(4, dtype=torch.float64)), "an anchor with no negative gets margin 0"
+    assert torch.equal(m, torch.zeros(4, dtype=torch.float64)), f"an anchor with no negative gets margin 0: expected {torch.zeros(4, dtype=torch.float64)}, got {m}"
 sim_g = sim.clone().requires_grad_(True)
-assert not any(m.requires_grad for m in my_adaptive_margin(sim_g, ids, 0.5)), "the margin must be detached"
+assert not any(m.requires_grad for m in my_adaptive_margin(sim_g, ids, 0.5)), f"the margin must be detached: expected requires_grad False, got {[m.requires_grad for m in my_adaptive_margin(sim_g, ids, 0.5)]}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -150,24 +150,24 @@ from mmalign.losses import info_nce, mms_loss
 
 half = torch.full((2,), 0.5, dtype=torch.float64)
 expected = math.log(1 + math.exp(-0.5))
-assert math.isclose(float(my_mms(torch.eye(2, dtype=torch.float64), (half, half), 1.0, torch.arange(2))), expected, rel_tol=1e-9)
+assert math.isclose(float(my_mms(torch.eye(2, dtype=torch.float64), (half, half), 1.0, torch.arange(2))), expected, rel_tol=1e-9), f"expected {expected}, got {float(my_mms(torch.eye(2, dtype=torch.float64), (half, half), 1.0, torch.arange(2)))}"
 half3 = torch.full((3,), 0.5, dtype=torch.float64)
 expected3 = (2 * math.log(1 + math.exp(-0.5)) + math.log(1 + 2 * math.exp(-0.5))) / 3
-assert math.isclose(float(my_mms(torch.eye(3, dtype=torch.float64), (half3, half3), 1.0, ids3)), expected3, rel_tol=1e-9)
+assert math.isclose(float(my_mms(torch.eye(3, dtype=torch.float64), (half3, half3), 1.0, ids3)), expected3, rel_tol=1e-9), f"expected {expected3}, got {float(my_mms(torch.eye(3, dtype=torch.float64), (half3, half3), 1.0, ids3))}"
 margins = AdaptiveMargin(0.5)(a, b, ids)
-assert torch.allclose(my_mms(sim, margins, 0.07, ids), mms_loss(a, b, margins, 0.07, item_ids=ids), atol=1e-10)
+assert torch.allclose(my_mms(sim, margins, 0.07, ids), mms_loss(a, b, margins, 0.07, item_ids=ids), atol=1e-10), f"expected {mms_loss(a, b, margins, 0.07, item_ids=ids)}, got {my_mms(sim, margins, 0.07, ids)}"
 zero = torch.zeros(12, dtype=torch.float64)
-assert torch.allclose(my_mms(sim, (zero, zero), 0.1, torch.arange(12)), info_nce(a, b, 0.1), atol=1e-10)
+assert torch.allclose(my_mms(sim, (zero, zero), 0.1, torch.arange(12)), info_nce(a, b, 0.1), atol=1e-10), f"expected {info_nce(a, b, 0.1)}, got {my_mms(sim, (zero, zero), 0.1, torch.arange(12))}"
 ### BEGIN HIDDEN TESTS
-assert torch.isfinite(my_mms(sim, margins, 0.01, ids)), "use a stable log-softmax: finite at tau = 0.01"
-assert torch.allclose(my_mms(sim, margins, 0.01, ids), mms_loss(a, b, margins, 0.01, item_ids=ids), atol=1e-8)
+assert torch.isfinite(my_mms(sim, margins, 0.01, ids)), f"use a stable log-softmax: expected a finite loss at tau = 0.01, got {my_mms(sim, margins, 0.01, ids)}"
+assert torch.allclose(my_mms(sim, margins, 0.01, ids), mms_loss(a, b, margins, 0.01, item_ids=ids), atol=1e-8), f"expected {mms_loss(a, b, margins, 0.01, item_ids=ids)}, got {my_mms(sim, margins, 0.01, ids)}"
 a_g = a.clone().requires_grad_(True)
 sim_g = F.normalize(a_g, dim=-1) @ F.normalize(b, dim=-1).T
 g_mine, = torch.autograd.grad(my_mms(sim_g, margins, 0.2, ids), a_g)
 g_ref, = torch.autograd.grad(mms_loss(a_g, b, margins, 0.2, item_ids=ids), a_g)
-assert torch.allclose(g_mine, g_ref, atol=1e-10)
+assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 m_ab, m_ba = torch.rand(12, dtype=torch.float64), torch.rand(12, dtype=torch.float64)
-assert torch.allclose(my_mms(sim, (m_ab, m_ba), 0.3, ids), mms_loss(a, b, (m_ab, m_ba), 0.3, item_ids=ids), atol=1e-10)
+assert torch.allclose(my_mms(sim, (m_ab, m_ba), 0.3, ids), mms_loss(a, b, (m_ab, m_ba), 0.3, item_ids=ids), atol=1e-10), f"expected {mms_loss(a, b, (m_ab, m_ba), 0.3, item_ids=ids)}, got {my_mms(sim, (m_ab, m_ba), 0.3, ids)}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -199,8 +199,8 @@ chance_rsum = 100 * sum(chance_recall(len(val.texts), k, r) + chance_recall(len(
 print(f"validation rsum {report['rsum']:.1f}  (chance {chance_rsum:.1f});  t2i R@10 {report['t2i_R@10']:.1f} %")
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert history.loss[-1] < history.loss[0], "the loss should go down"
-assert report["rsum"] > 10 * chance_rsum, "trained retrieval should be far above chance"
+assert history.loss[-1] < history.loss[0], f"the loss should go down: expected last < first, got first {history.loss[0]:.4f}, last {history.loss[-1]:.4f}"
+assert report["rsum"] > 10 * chance_rsum, f'trained retrieval should be far above chance: expected rsum > {10 * chance_rsum:.1f}, got {report["rsum"]:.1f}'
 
 # %% [markdown]
 # ## Takeaway

@@ -86,8 +86,8 @@ from mmalign.miners import semi_hard_negatives
 
 S = torch.tensor([[0.9, 0.8, 0.3], [0.3, 0.6, 0.7], [0.1, 0.25, 0.4]])
 neg_i, neg_t = my_semi_hard(S, torch.arange(3), margin=0.2)
-assert neg_i.tolist() == [1, 2, 1], neg_i
-assert neg_t.tolist() == [1, 0, 0], neg_t
+assert neg_i.tolist() == [1, 2, 1], f"expected {[1, 2, 1]}, got {neg_i.tolist()}"
+assert neg_t.tolist() == [1, 0, 0], f"expected {[1, 0, 0]}, got {neg_t.tolist()}"
 
 gen = torch.Generator().manual_seed(0)
 for trial in range(5):  # random batches where some pairs share a scene
@@ -95,17 +95,17 @@ for trial in range(5):  # random batches where some pairs share a scene
     ids = torch.randint(0, 10, (16,), generator=gen)
     ref_i, ref_t = semi_hard_negatives(sim, ids, ids, margin=0.3, k=1)
     mine_i, mine_t = my_semi_hard(sim, ids, margin=0.3)
-    assert torch.equal(mine_i, ref_i[:, 0]) and torch.equal(mine_t, ref_t[:, 0]), trial
+    assert torch.equal(mine_i, ref_i[:, 0]) and torch.equal(mine_t, ref_t[:, 0]), f"trial {trial}: expected {ref_i[:, 0]} and {ref_t[:, 0]}, got {mine_i} and {mine_t}"
 ### BEGIN HIDDEN TESTS
 # strict window: a negative exactly at s_pos or exactly at s_pos - m is not semi-hard
 edge = torch.tensor([[0.5, 0.5, 0.25], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]], dtype=torch.float64)
 e_i, _ = my_semi_hard(edge, torch.arange(3), margin=0.25)
 r_i, _ = semi_hard_negatives(edge, torch.arange(3), torch.arange(3), margin=0.25)
-assert e_i.tolist() == r_i[:, 0].tolist() == [1, 0, 0]
+assert e_i.tolist() == r_i[:, 0].tolist() == [1, 0, 0], f"expected {[1, 0, 0]}, got {e_i.tolist()}"
 # no valid negative at all: -1
 same = torch.zeros(4, dtype=torch.long)
 a, b = my_semi_hard(torch.rand(4, 4), same)
-assert a.tolist() == [-1] * 4 and b.tolist() == [-1] * 4
+assert a.tolist() == [-1] * 4 and b.tolist() == [-1] * 4, f"expected {[-1] * 4} and {[-1] * 4}, got {a.tolist()} and {b.tolist()}"
 # many random cases, several margins
 for trial in range(20):
     sim = torch.randn(24, 24, generator=gen, dtype=torch.float64)
@@ -113,7 +113,7 @@ for trial in range(20):
     for m in (0.05, 0.5, 2.0):
         ref_i, ref_t = semi_hard_negatives(sim, ids, ids, margin=m, k=1)
         mine_i, mine_t = my_semi_hard(sim, ids, margin=m)
-        assert torch.equal(mine_i, ref_i[:, 0]) and torch.equal(mine_t, ref_t[:, 0])
+        assert torch.equal(mine_i, ref_i[:, 0]) and torch.equal(mine_t, ref_t[:, 0]), f"expected {ref_i[:, 0]} and {ref_t[:, 0]}, got {mine_i} and {mine_t}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -152,8 +152,8 @@ print(f"validation: text -> image R@10 {report['t2i_R@10']:.1f} %  (chance {chan
       f"rsum {report['rsum']:.1f}")
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert history.loss[-1] < history.loss[0], "the loss should go down"
-assert report["t2i_R@10"] > 5 * chance_t2i_r10, "trained retrieval should be far above chance"
+assert history.loss[-1] < history.loss[0], f"the loss should go down: expected last < first, got first {history.loss[0]:.4f}, last {history.loss[-1]:.4f}"
+assert report["t2i_R@10"] > 5 * chance_t2i_r10, f'trained retrieval should be far above chance: expected t2i R@10 > {5 * chance_t2i_r10:.1f}, got {report["t2i_R@10"]:.1f}'
 
 # %% [markdown]
 # ## 3. Your turn to explain

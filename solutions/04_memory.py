@@ -78,9 +78,9 @@ with torch.no_grad():
     key.weight.fill_(1.0)
     online.weight.fill_(3.0)
 my_momentum_update(key, online, 0.9)
-assert abs(key.weight.item() - 1.2) < 1e-12, key.weight.item()
+assert abs(key.weight.item() - 1.2) < 1e-12, f"expected 0.9 * 1 + 0.1 * 3 = 1.2, got {key.weight.item()}"
 my_momentum_update(key, online, 0.9)
-assert abs(key.weight.item() - 1.38) < 1e-12, key.weight.item()
+assert abs(key.weight.item() - 1.38) < 1e-12, f"expected 0.9 * 1.2 + 0.1 * 3 = 1.38, got {key.weight.item()}"
 
 # against the library, on a small MLP with a BatchNorm (which has buffers)
 net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
@@ -93,15 +93,15 @@ for _ in range(3):  # move the online network, then update both copies
     reference.update(net)
     my_momentum_update(mine, net, 0.95)
 for (name, a), b in zip(reference.module.state_dict().items(), mine.state_dict().values()):
-    assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    assert torch.allclose(a.float(), b.float(), atol=1e-6), f"{name}: expected {a.float()}, got {b.float()}"
 ### BEGIN HIDDEN TESTS
-assert all(not p.requires_grad or p.grad is None for p in mine.parameters()), "the key must not get gradients"
+assert all(not p.requires_grad or p.grad is None for p in mine.parameters()), f"the key must not get gradients: expected no .grad, got {[p.grad is not None for p in mine.parameters()]}"
 for m in (0.0, 1.0):
     k2 = copy.deepcopy(mine)
     before = [p.clone() for p in k2.parameters()]
     my_momentum_update(k2, net, m)
     for p_new, p_old, p_on in zip(k2.parameters(), before, net.parameters()):
-        assert torch.allclose(p_new, p_on if m == 0.0 else p_old, atol=1e-7), m
+        assert torch.allclose(p_new, p_on if m == 0.0 else p_old, atol=1e-7), f"m = {m}: expected {p_on if m == 0.0 else p_old}, got {p_new}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -153,9 +153,9 @@ q = MyQueue(5, 2)
 for step in range(3):
     q.enqueue(torch.full((2, 2), float(step)), torch.tensor([2 * step, 2 * step + 1]))
     if step == 1:
-        assert q.ids.tolist() == [0, 1, 2, 3] and q.ptr == 4
-assert q.ids.tolist() == [5, 1, 2, 3, 4] and q.ptr == 1 and q.count == 5
-assert q.keys[:, 0].tolist() == [2.0, 0.0, 1.0, 1.0, 2.0]
+        assert q.ids.tolist() == [0, 1, 2, 3] and q.ptr == 4, f"expected {[0, 1, 2, 3]} and {4}, got {q.ids.tolist()} and {q.ptr}"
+assert q.ids.tolist() == [5, 1, 2, 3, 4] and q.ptr == 1 and q.count == 5, f"expected {[5, 1, 2, 3, 4]} and {1} and {5}, got {q.ids.tolist()} and {q.ptr} and {q.count}"
+assert q.keys[:, 0].tolist() == [2.0, 0.0, 1.0, 1.0, 2.0], f"expected {[2.0, 0.0, 1.0, 1.0, 2.0]}, got {q.keys[:, 0].tolist()}"
 
 # against the library: uneven batches, wrapping, a batch larger than the queue
 mine, ref = MyQueue(7, 3), MoCoQueue(7, 3)
@@ -166,16 +166,16 @@ for n in [3, 5, 2, 11, 1, 6]:
     next_id += n
     mine.enqueue(keys, ids)
     ref.enqueue(keys, ids)
-    assert torch.equal(mine.ids, ref.ids) and torch.equal(mine.keys, ref.keys) and mine.ptr == ref.ptr, n
+    assert torch.equal(mine.ids, ref.ids) and torch.equal(mine.keys, ref.keys) and mine.ptr == ref.ptr, f"after enqueuing {n} keys: expected {ref.ids} and {ref.keys} and {ref.ptr}, got {mine.ids} and {mine.keys} and {mine.ptr}"
 ### BEGIN HIDDEN TESTS
-assert not mine.keys.requires_grad, "store detached keys"
+assert not mine.keys.requires_grad, f"store detached keys: expected requires_grad False, got {mine.keys.requires_grad}"
 big = MyQueue(4, 1)
 big.enqueue(torch.zeros(1, 1), torch.tensor([99]))
 big.enqueue(torch.arange(10.0)[:, None], torch.arange(10))
-assert big.ids.tolist() == [7, 8, 9, 6] and big.ptr == 3 and big.count == 4
+assert big.ids.tolist() == [7, 8, 9, 6] and big.ptr == 3 and big.count == 4, f"expected {[7, 8, 9, 6]} and {3} and {4}, got {big.ids.tolist()} and {big.ptr} and {big.count}"
 empty = MyQueue(3, 2)
 empty.enqueue(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
-assert empty.count == 0 and empty.ptr == 0 and empty.keys.shape == (0, 2)
+assert empty.count == 0 and empty.ptr == 0 and empty.keys.shape == (0, 2), f"expected {0} and {0} and {(0, 2)}, got {empty.count} and {empty.ptr} and {empty.keys.shape}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -227,9 +227,9 @@ print(f"queue filled: {queue_txt.count} keys; validation text -> image R@10 {rep
       f"(chance {chance_t2i_r10:.1f} %)")
 
 # %% nbgrader={"grade": true, "grade_id": "moco_training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert queue_txt.count == 512, "the queue should be full after an epoch"
-assert sum(history.loss[-10:]) < sum(history.loss[:10]), "the loss should go down"
-assert report["t2i_R@10"] > 5 * chance_t2i_r10, "trained retrieval should be far above chance"
+assert queue_txt.count == 512, f"the queue should be full after an epoch: expected {512}, got {queue_txt.count}"
+assert sum(history.loss[-10:]) < sum(history.loss[:10]), f"the loss should go down: expected the last 10 steps below the first 10, got {sum(history.loss[:10]):.3f} then {sum(history.loss[-10:]):.3f}"
+assert report["t2i_R@10"] > 5 * chance_t2i_r10, f'trained retrieval should be far above chance: expected t2i R@10 > {5 * chance_t2i_r10:.1f}, got {report["t2i_R@10"]:.1f}'
 
 # %% [markdown]
 # ## Takeaway

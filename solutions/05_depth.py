@@ -74,9 +74,9 @@ from mmalign.models.fusion import depth_augmented_view_loss
 eye = torch.eye(2, dtype=torch.float64)
 for lam in (0.0, 0.5, 2.0):
     assert math.isclose(float(my_depth_view_loss(eye, eye, eye, 1.0, lam)), (1 + lam) * math.log(1 + math.exp(-1)),
-                        rel_tol=1e-9)
+                        rel_tol=1e-9), f"expected {(1 + lam) * math.log(1 + math.exp(-1))}, got {float(my_depth_view_loss(eye, eye, eye, 1.0, lam))}"
 a, b, c = (torch.randn(16, 8, dtype=torch.float64) for _ in range(3))
-assert torch.allclose(my_depth_view_loss(a, b, c, 0.1, 0.7), depth_augmented_view_loss(a, b, c, 0.1, 0.7), atol=1e-10)
+assert torch.allclose(my_depth_view_loss(a, b, c, 0.1, 0.7), depth_augmented_view_loss(a, b, c, 0.1, 0.7), atol=1e-10), f"expected {depth_augmented_view_loss(a, b, c, 0.1, 0.7)}, got {my_depth_view_loss(a, b, c, 0.1, 0.7)}"
 ### BEGIN HIDDEN TESTS
 try:
     my_depth_view_loss(a, b, c, 0.1, -1.0)
@@ -86,7 +86,7 @@ else:
     raise AssertionError("a negative weight should raise ValueError")
 c.requires_grad_(True)
 g, = torch.autograd.grad(my_depth_view_loss(a, b, c, 0.1, 0.0), c, allow_unused=True)
-assert g is None or torch.count_nonzero(g) == 0, "with weight 0 the depth view gets no gradient"
+assert g is None or torch.count_nonzero(g) == 0, f"with weight 0 the depth view gets no gradient: expected 0 non-zero entries, got {torch.count_nonzero(g)}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -104,12 +104,12 @@ img = torch.randn(4, 8, dtype=torch.float64)[ids]
 dep = torch.randn(4, 8, dtype=torch.float64)[ids]
 txt = torch.randn(6, 8, dtype=torch.float64)
 ref = depth_augmented_view_loss(img, txt, dep, 0.2, 1.5, pair_loss=labelled_info_nce(ids))
-assert torch.allclose(my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids), ref, atol=1e-10)
+assert torch.allclose(my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids), ref, atol=1e-10), f"expected {ref}, got {my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids)}"
 ### BEGIN HIDDEN TESTS
 txt.requires_grad_(True)
 g_mine, = torch.autograd.grad(my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids), txt)
 g_ref, = torch.autograd.grad(depth_augmented_view_loss(img, txt, dep, 0.2, 1.5, pair_loss=labelled_info_nce(ids)), txt)
-assert torch.allclose(g_mine, g_ref, atol=1e-10)
+assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -130,12 +130,12 @@ report, chance = evaluate(model, val), chance_table(val)
 print(f"validation rsum {report['rsum']:.1f} (chance {chance['rsum']:.1f}); t2i R@1 {report['t2i_R@1']:.1f} %")
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert history.loss[-1] < history.loss[0], "the loss should go down"
-assert report["t2i_R@1"] > 10 * chance["t2i_R@1"], "trained retrieval should be far above chance"
+assert history.loss[-1] < history.loss[0], f"the loss should go down: expected last < first, got first {history.loss[0]:.4f}, last {history.loss[-1]:.4f}"
+assert report["t2i_R@1"] > 10 * chance["t2i_R@1"], f'trained retrieval should be far above chance: expected t2i R@1 > {10 * chance["t2i_R@1"]:.1f}, got {report["t2i_R@1"]:.1f}'
 blind = val.image.clone()
 blind[:, 1280:] = 0  # remove the depth features
 with torch.no_grad():
-    assert torch.equal(model.encode_images(val.image), model.encode_images(blind))
+    assert torch.equal(model.encode_images(val.image), model.encode_images(blind)), f"the image encoder must ignore the depth features: expected identical outputs, got a difference of up to {(model.encode_images(val.image) - model.encode_images(blind)).abs().max():.3g}"
 
 # %% [markdown]
 # ## Takeaway

@@ -74,17 +74,17 @@ def my_others_anchor_loss(views: list[torch.Tensor], temperature: float = 0.07,
 
 # %% nbgrader={"grade": true, "grade_id": "others_anchor_test", "locked": true, "points": 3, "schema_version": 3, "solution": false, "task": false}
 eye = torch.eye(2, dtype=torch.float64)
-assert math.isclose(float(my_others_anchor_loss([eye, eye], 1.0)), math.log(1 + math.exp(-1)), rel_tol=1e-9)
+assert math.isclose(float(my_others_anchor_loss([eye, eye], 1.0)), math.log(1 + math.exp(-1)), rel_tol=1e-9), f"expected {math.log(1 + math.exp(-1))}, got {float(my_others_anchor_loss([eye, eye], 1.0))}"
 a, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
-assert torch.allclose(my_others_anchor_loss([a, b], 0.1), info_nce(a, b, 0.1), atol=1e-10)
+assert torch.allclose(my_others_anchor_loss([a, b], 0.1), info_nce(a, b, 0.1), atol=1e-10), f"expected {info_nce(a, b, 0.1)}, got {my_others_anchor_loss([a, b], 0.1)}"
 views = [torch.randn(16, 8, dtype=torch.float64) for _ in range(4)]
 reference, n_terms = multiview_loss(views, "others_anchor", temperature=0.1)
-assert n_terms == 4
-assert torch.allclose(my_others_anchor_loss(views, 0.1), reference, atol=1e-10)
+assert n_terms == 4, f"expected {4}, got {n_terms}"
+assert torch.allclose(my_others_anchor_loss(views, 0.1), reference, atol=1e-10), f"expected {reference}, got {my_others_anchor_loss(views, 0.1)}"
 ### BEGIN HIDDEN TESTS
 c = torch.randn(8, 5, dtype=torch.float64)
 expected = (info_nce((b + a) / 2, c, 0.2) + info_nce((a + c) / 2, b, 0.2) + info_nce((b + c) / 2, a, 0.2)) / 3
-assert torch.allclose(my_others_anchor_loss([c, b, a], 0.2), expected, atol=1e-10)
+assert torch.allclose(my_others_anchor_loss([c, b, a], 0.2), expected, atol=1e-10), f"expected {expected}, got {my_others_anchor_loss([c, b, a], 0.2)}"
 try:
     my_others_anchor_loss([a], 0.1)
 except ValueError:
@@ -94,7 +94,7 @@ else:
 views[0].requires_grad_(True)
 g_mine, = torch.autograd.grad(my_others_anchor_loss(views, 0.1), views[0])
 g_ref, = torch.autograd.grad(multiview_loss(views, "others_anchor", temperature=0.1)[0], views[0])
-assert torch.allclose(g_mine, g_ref, atol=1e-10)
+assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -105,9 +105,9 @@ assert torch.allclose(g_mine, g_ref, atol=1e-10)
 ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
 views = [torch.randn(8, 6, dtype=torch.float64) for _ in range(3)]
 reference, _ = multiview_loss(views, "others_anchor", temperature=0.2, labels_a=ids, labels_b=ids)
-assert torch.allclose(my_others_anchor_loss(views, 0.2, ids), reference, atol=1e-10)
+assert torch.allclose(my_others_anchor_loss(views, 0.2, ids), reference, atol=1e-10), f"expected {reference}, got {my_others_anchor_loss(views, 0.2, ids)}"
 ### BEGIN HIDDEN TESTS
-assert not torch.allclose(my_others_anchor_loss(views, 0.2), reference), "the ids must change the loss here"
+assert not torch.allclose(my_others_anchor_loss(views, 0.2), reference), f"the ids must change the loss here: expected without ids != {reference}, got {my_others_anchor_loss(views, 0.2)}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -129,9 +129,9 @@ result, chance = summary(evaluate_multilingual(model, val)), summary(chance_tabl
 print({k: round(v, 1) for k, v in result.items()}, "chance:", {k: round(v, 2) for k, v in chance.items()})
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert history.loss[-1] < history.loss[0], "the loss should go down"
-assert result["image R (mean)"] > 5 * chance["image R (mean)"]
-assert result["cross-lingual R (mean)"] > 5 * chance["cross-lingual R (mean)"]
+assert history.loss[-1] < history.loss[0], f"the loss should go down: expected last < first, got first {history.loss[0]:.4f}, last {history.loss[-1]:.4f}"
+assert result["image R (mean)"] > 5 * chance["image R (mean)"], f'expected image R (mean) > {5 * chance["image R (mean)"]:.1f}, got {result["image R (mean)"]:.1f}'
+assert result["cross-lingual R (mean)"] > 5 * chance["cross-lingual R (mean)"], f'expected cross-lingual R (mean) > {5 * chance["cross-lingual R (mean)"]:.1f}, got {result["cross-lingual R (mean)"]:.1f}'
 
 # %% [markdown]
 # ## Takeaway

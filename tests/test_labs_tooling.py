@@ -112,7 +112,9 @@ def test_generate_replaces_solutions_and_removes_hidden_tests(tmp_path):
     assert cell(nb, "scale_impl").source == "def scale(x, k):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
     assert cell(nb, "add_test").source == "assert add(1, 2) == 3"  # visible assert kept, hidden gone
     assert cell(nb, "why").source == "Why does `add` need no loop?\n\nYOUR ANSWER HERE"
-    assert cell(nb, "add_test").metadata["nbgrader"] == json.loads(ADD_TEST.split("=", 1)[1])
+    meta = dict(cell(nb, "add_test").metadata["nbgrader"])
+    assert meta.pop("checksum") and meta.pop("cell_type") == "code"  # nbgrader's, see the checksum test
+    assert meta == json.loads(ADD_TEST.split("=", 1)[1])
     assert cell(nb, "add_test").metadata["editable"] is False  # locked: read-only, as nbgrader does
     assert cell(nb, "add_impl").metadata["deletable"] is False and "editable" not in cell(nb, "add_impl").metadata
     assert nb.metadata == {"kernelspec": labs.KERNELSPEC, "language_info": {"name": "python"}}
@@ -132,6 +134,29 @@ def test_generate_is_deterministic(tmp_path):
     assert labs.lab_text(labs.generate_lab(other)).encode() == first
     assert labs.lab_text(labs.generate_lab(solution)).encode() == first
     assert b'"outputs": []' in first and b'"execution_count": null' in first and b"jupytext" not in first
+
+
+def test_labs_carry_nbgrader_checksums(tmp_path):
+    """nbgrader's checksum, computed here by hand: md5 of source, type, grade, solution, locked, id, points."""
+    import hashlib
+
+    nb = labs.generate_lab(write_solution(tmp_path))
+
+    def by_hand(c, locked):
+        meta = c.metadata["nbgrader"]
+        parts = [c.source, c.cell_type, str(meta["grade"]), str(meta["solution"]), str(locked), meta["grade_id"]]
+        if meta["grade"]:
+            parts.append(str(float(meta["points"])))
+        return hashlib.md5("".join(parts).encode()).hexdigest()
+
+    for grade_id, locked in (("add_impl", False), ("add_test", True), ("why", False)):
+        meta = cell(nb, grade_id).metadata["nbgrader"]
+        assert meta["checksum"] == by_hand(cell(nb, grade_id), locked), grade_id
+        assert meta["cell_type"] == cell(nb, grade_id).cell_type
+    edited = cell(nb, "add_test")
+    edited.source = "assert True"
+    assert labs.compute_checksum(edited) != edited.metadata["nbgrader"]["checksum"]  # validate's test
+    assert "checksum" not in nb.cells[0].metadata.get("nbgrader", {})
 
 
 def test_solution_without_markers_is_replaced_whole(tmp_path):
@@ -300,11 +325,14 @@ def test_solution_gets_full_marks(graded):
     result = graded["solution"]
     assert earned(result) == {"add_test": 2, "scale_test": 3}
     assert (result["score"], result["max_score"]) == (5, 5)
-    assert result["manual"] == [{"grade_id": "why", "points": 1}] and result["problems"] == []
+    assert result["manual"] == [{"grade_id": "why", "points": 1, "earned": 0, "status": "needs manual grading"}]
+    assert result["total_max"] == 6 and result["problems"] == []
 
 
 def test_untouched_lab_gets_zero(graded):
     result = graded["rows"]["untouched"]["result"]
+    assert result["manual"] == [{"grade_id": "why", "points": 1, "earned": 0, "status": "unanswered"}]
+    assert (result["score"], result["total_max"]) == (0, 6)  # nbgrader: untouched manual answer scores 0
     assert earned(result) == {"add_test": 0, "scale_test": 0} and result["max_score"] == 5
     assert all(row["status"] == "failed" and "NotImplementedError" in row["error"] for row in result["cells"])
 
@@ -348,4 +376,84 @@ def test_grade_errors_name_the_file(graded, capsys):
     with pytest.raises(FileNotFoundError, match="pass --solution"):
         labs.grade_notebook(broken, solutions_dir=root / "nowhere")
     report = labs.format_report(graded["rows"]["dave"]["result"])
-    assert "total: 0 / 5" in report and "manual grading needed: why" in report
+    assert "total: 0 / 5" in report and "manual answer why: unanswered, 0 / 1" in report
+    assert "manual grading needed: why" in labs.format_report(graded["solution"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaming the grader (one kernel per submission; graded once)
+# --------------------------------------------------------------------------------------------------
+
+CHANCE_IMPL = nbgrader("chance_impl", grade=False, solution=True)
+CHANCE_TEST = nbgrader("chance_test", grade=True, solution=False, points=2)
+CHANCE = HEADER + f'''
+# %%
+import math
+
+# %% {CHANCE_IMPL}
+def my_chance(n_gallery, n_positives, k):
+    """Recall@k of a random ranking."""
+    ### BEGIN SOLUTION
+    return 1 - math.comb(n_gallery - n_positives, k) / math.comb(n_gallery, k)
+    ### END SOLUTION
+
+
+# %% {CHANCE_TEST}
+from mmalign.retrieval import chance_recall
+
+got = my_chance(100, 1, 10)
+assert math.isclose(got, 0.1, rel_tol=1e-9), f"expected 0.1, got {{got}}"
+### BEGIN HIDDEN TESTS
+for g, p, k in ((50, 2, 5), (10, 3, 4), (7, 1, 7)):
+    assert math.isclose(my_chance(g, p, k), chance_recall(g, p, k), rel_tol=1e-9), (g, p, k)
+### END HIDDEN TESTS
+'''
+
+GAMING = {
+    "honest": ("def my_chance(n_gallery, n_positives, k):\n"
+               "    return 1 - math.comb(n_gallery - n_positives, k) / math.comb(n_gallery, k)", None),
+    "patched_isclose": ("math.isclose = lambda *args, **kwargs: True\n\n"
+                        "def my_chance(n_gallery, n_positives, k):\n    return 0.0", "math.isclose"),
+    "patched_builtin": ("import builtins\nbuiltins.float = lambda *a: 0.1\n\n"
+                        "def my_chance(n_gallery, n_positives, k):\n    return 0.1", "builtins.float"),
+    "patched_while_running": ("def my_chance(n_gallery, n_positives, k):\n"
+                              "    math.isclose = lambda *args, **kwargs: True\n    return 0.0", "while the test ran"),
+    "calls_reference": ("def my_chance(n_gallery, n_positives, k):\n"
+                        "    import mmalign.retrieval as r\n"
+                        "    return getattr(r, 'chance_' + 'recall')(n_gallery, n_positives, k)",
+                        "mmalign.retrieval.chance_recall, the library's reference"),
+    "alias_of_reference": ("from mmalign.retrieval import chance_recall as my_chance", "is the library's"),
+    "transformer_blanks_tests": ("get_ipython().input_transformers_post.append(lambda lines: [])\n\n"
+                                 "def my_chance(n_gallery, n_positives, k):\n    return 0.0", "guard did not run"),
+}
+
+
+@pytest.fixture(scope="module")
+def gamed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gaming")
+    solution = write_solution(root / "solutions", CHANCE, name="01_chance.py")
+    lab = labs.generate_lab(solution)
+    for name, (answer, _) in GAMING.items():
+        labs.write_lab(submission(lab, {"chance_impl": answer}), root / "subs" / name / "01_chance.ipynb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MMALIGN_PROFILE", raising=False)
+        rows = labs.grade_dir(root / "subs", root / "solutions", log=lambda line: None)
+    return {row["student"]: row["result"] for row in rows}
+
+
+def test_guard_config_finds_the_reference(tmp_path):
+    solution = write_solution(tmp_path, CHANCE, name="01_chance.py")
+    config = labs.grading.guard_config(labs.solution_as_notebook(solution), "s")
+    assert config["answers"] == ["my_chance"] and config["modules"] == ["mmalign.retrieval"]
+    assert config["references"] == [("mmalign.retrieval", "chance_recall")]
+
+
+@pytest.mark.parametrize("name", GAMING, ids=list(GAMING))
+def test_gaming_attempts_score_zero_with_a_reason(gamed, name):
+    result, reason = gamed[name], GAMING[name][1]
+    row = result["cells"][0]
+    if reason is None:
+        assert (row["earned"], row["status"]) == (2, "passed"), row
+    else:
+        assert row["earned"] == 0 and row["status"] == "failed", row
+        assert reason in row["error"], row["error"]

@@ -1,0 +1,77 @@
+"""Labs from solutions, and grading of submissions: an nbgrader-style workflow without nbgrader.
+
+Instructors keep ``solutions/NN_name.py`` (jupytext percent format). Answers sit between
+``### BEGIN SOLUTION`` / ``### END SOLUTION``, hidden tests between ``### BEGIN HIDDEN TESTS`` /
+``### END HIDDEN TESTS``, and every nbgrader cell carries its metadata as JSON on its ``# %%``
+line, exactly as jupytext writes it::
+
+    # %% nbgrader={"grade": false, "grade_id": "add_impl", "locked": false, "schema_version": 3, "solution": true, "task": false}
+    def add(a, b):
+        ### BEGIN SOLUTION
+        return a + b
+        ### END SOLUTION
+
+    # %% nbgrader={"grade": true, "grade_id": "add_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
+    assert add(1, 2) == 3
+    ### BEGIN HIDDEN TESTS
+    assert add(-1, 1) == 0
+    ### END HIDDEN TESTS
+
+Command line (run from the repository root)::
+
+    python -m mmalign.labs generate [solutions] [labs]      # write labs/NN_name.ipynb
+    python -m mmalign.labs check [solutions] [labs]         # exit 1 when a lab is stale or leaks
+    python -m mmalign.labs grade SUB.ipynb [--solution solutions/NN_name.py] [--timeout 300] [--json out.json]
+    python -m mmalign.labs grade-dir DIR [--solutions solutions] [--csv DIR/grades.csv]
+
+What the pieces do, in nbgrader terms:
+
+* ``generate`` is ``nbgrader generate_assignment``: solution regions become ``# YOUR CODE HERE`` /
+  ``raise NotImplementedError()`` (``YOUR ANSWER HERE`` in markdown), a solution cell without
+  markers is replaced as a whole, hidden tests are deleted, outputs are stripped, locked cells are
+  made read-only and every graded, solution or locked cell carries nbgrader's ``checksum`` (so
+  ``nbgrader validate`` catches an edited locked cell). The output is deterministic.
+* ``grade`` is ``nbgrader autograde``: every autograder test cell of the submission (``grade: true``,
+  ``solution: false``) is replaced by the instructor's version, hidden tests included, matched by
+  ``grade_id``; the notebook runs top to bottom and a test cell earns its points when it runs
+  without error. A manually graded answer (``grade: true``, ``solution: true``) left untouched
+  scores 0 (as in nbgrader); an edited one waits for the instructor. The test cells run behind a
+  guard (:mod:`mmalign.labs.guard`): answers that replace comparison functions, builtins or library
+  functions, or that call the library's reference implementation of the exercise, score 0 with a
+  message saying why.
+
+Where things are: :mod:`~mmalign.labs.notebook` (reading and validating solution files, nbgrader
+metadata, checksums), :mod:`~mmalign.labs.generation`, :mod:`~mmalign.labs.checking`,
+:mod:`~mmalign.labs.grading` (with :mod:`~mmalign.labs.guard`, the code that runs inside the
+student's kernel) and :mod:`~mmalign.labs.cli`.
+
+Grading executes student code: run it in a container or a throwaway account, never as yourself on
+a machine holding anything of value.
+"""
+
+from .checking import check_labs, secret_lines
+from .cli import main
+from .generation import generate_lab, generate_labs, lab_text, write_lab
+from .grading import format_report, grade_dir, grade_notebook
+from .notebook import (CODE_STUB, CSV_COLUMNS, FORBIDDEN_IN_LABS, HEADER_EXAMPLE, KERNELSPEC, LEAK_MIN_CHARS,
+                       MARKDOWN_STUB, LabFormatError, compute_checksum, iter_solutions, lab_path_for,
+                       read_solution, solution_as_notebook)
+
+__all__ = [
+    "LabFormatError",
+    "iter_solutions",
+    "lab_path_for",
+    "read_solution",
+    "solution_as_notebook",
+    "compute_checksum",
+    "generate_lab",
+    "lab_text",
+    "write_lab",
+    "generate_labs",
+    "check_labs",
+    "grade_notebook",
+    "grade_dir",
+    "format_report",
+    "secret_lines",
+    "main",
+]

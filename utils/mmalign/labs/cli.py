@@ -1,0 +1,63 @@
+"""The command line: ``python -m mmalign.labs generate|check|grade|grade-dir``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __doc__ as _DOC
+from .checking import check_labs
+from .generation import generate_labs
+from .grading import format_report, grade_dir, grade_notebook
+from .notebook import LabFormatError, iter_solutions
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mmalign.labs", description=_DOC.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("generate", "write labs/NN_name.ipynb from solutions/NN_name.py"),
+                       ("check", "report stale, missing, extra or leaking labs (exit 1)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("solutions_dir", nargs="?", default="solutions")
+        p.add_argument("labs_dir", nargs="?", default="labs")
+    p = sub.add_parser("grade", help="autograde one submitted notebook")
+    p.add_argument("submission")
+    p.add_argument("--solution", help="solution file (default: solutions/<submission stem>.py)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per cell (default 300)")
+    p.add_argument("--json", dest="json_path", help="also write the result as JSON to this file")
+    p = sub.add_parser("grade-dir", help="autograde every .ipynb under DIR into one CSV")
+    p.add_argument("submissions_dir")
+    p.add_argument("--solutions", default="solutions", help="solutions folder (default: solutions)")
+    p.add_argument("--csv", dest="csv_path", help="output CSV (default: DIR/grades.csv)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per cell (default 300)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m mmalign.labs``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            changed = generate_labs(args.solutions_dir, args.labs_dir)
+            n = len(iter_solutions(args.solutions_dir))
+            print(f"{n} solution(s), {len(changed)} lab(s) written" + "".join(f"\n  {p}" for p in changed))
+        elif args.command == "check":
+            problems = check_labs(args.solutions_dir, args.labs_dir)
+            for problem in problems:
+                print(problem)
+            if problems:
+                return 1
+            print("labs OK")
+        elif args.command == "grade":
+            result = grade_notebook(args.submission, args.solution, timeout=args.timeout)
+            print(format_report(result))
+            if args.json_path:
+                Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        elif args.command == "grade-dir":
+            grade_dir(args.submissions_dir, args.solutions, args.csv_path, timeout=args.timeout)
+    except (LabFormatError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
