@@ -143,6 +143,11 @@ def prepare(cfg: Config, progress: bool = True) -> None:
     start = time.perf_counter()
     cache_e5_features(cfg, progress=progress)
     print(f"[{cfg.profile}] e5 features in {time.perf_counter() - start:.1f} s")
+    from .pairs import cache_text_alignment_features  # chapter 7's texts and prompts (MiniLM, e5)
+
+    start = time.perf_counter()
+    cache_text_alignment_features(cfg, progress=progress)
+    print(f"[{cfg.profile}] chapter 7 text features in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..config import Config, load_config, results_dir
 
 CHAPTERS = {"00": "tour", "01": "dual_encoders", "02": "loss_zoo", "03": "sampling", "04": "memory",
-            "05": "depth", "06": "languages"}
+            "05": "depth", "06": "languages", "07": "lightcrl", "08": "codis", "09": "scaling"}
 
 
 def results_path(chapter: str) -> Path:
