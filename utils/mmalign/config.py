@@ -94,11 +94,14 @@ def choose_device(prefer: str | None = None) -> torch.device:
 
     ``MMALIGN_DEVICE`` overrides everything (e.g. ``MMALIGN_DEVICE=cpu`` on a GPU box).
     """
-    forced = os.environ.get("MMALIGN_DEVICE")
+    forced = os.environ.get("MMALIGN_DEVICE", "").strip()
     if forced:
-        return torch.device(forced)
+        return _available("MMALIGN_DEVICE", forced)
     if prefer is not None:
-        dev = torch.device(prefer)
+        try:
+            dev = torch.device(prefer)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device {prefer!r} is not a torch device name (cpu, cuda, cuda:1, mps): {err}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 "the gpu profile asks for CUDA but torch.cuda.is_available() is False; "
@@ -110,6 +113,26 @@ def choose_device(prefer: str | None = None) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _available(source: str, name: str) -> torch.device:
+    """``torch.device(name)`` if it names a device this machine has; else a ValueError naming ``source``."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{source}={name!r} is not a torch device name; use cpu, cuda, cuda:<index> or mps "
+                         f"(or unset {source}) ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{source}={name!r} asks for CUDA but torch.cuda.is_available() is False on this machine; "
+                             f"use {source}=cpu or unset it")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{source}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"{source}={name!r} asks for MPS (Apple GPU) but it is not available; use {source}=cpu")
+    return dev
 
 
 def repo_root() -> Path:

@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from .checks import check_finite, check_ids, check_int, check_real
 from .miners import _check_k, _check_sim, _negative_mask, _paired_positive, _topk_rows
 
 __all__ = ["HardNegativeMemory", "MoCoQueue", "MomentumEncoder"]
@@ -36,7 +37,7 @@ class _RingBuffer:
         for name, v in (("size", size), ("dim", dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not dtype.is_floating_point:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         self.size, self.dim = size, dim
         self._feats = torch.zeros(size, dim, device=device, dtype=dtype)
@@ -61,17 +62,22 @@ class _RingBuffer:
             shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
             raise ValueError(f"expected (n, {self.dim}) features, got {shape}; project them to dim={self.dim} first")
         n = feats.shape[0]
+        if not feats.dtype.is_floating_point:
+            raise ValueError(f"features must be a real floating-point tensor, got {feats.dtype}; use .float()")
         ids = torch.as_tensor(ids, device=self.device)
         if ids.shape != (n,):
             raise ValueError(f"expected one item id per row: {n} rows but ids of shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"item ids must be integers, got {ids.dtype}")
+        check_finite("features", feats)
         if n == 0:
             return
         keep = min(n, self.size)  # rows that survive: the last `keep`
-        slots = (self.ptr + n - keep + torch.arange(keep, device=self.device)) % self.size
-        self._feats[slots] = feats[n - keep :].detach().to(self.device, self._feats.dtype)
-        self._ids[slots] = ids[n - keep :].long()
+        start = (self.ptr + n - keep) % self.size
+        feats, ids = feats[n - keep :].detach().to(self.device, self._feats.dtype), ids[n - keep :].long()
+        first = min(keep, self.size - start)  # slots start.. up to the end, then wrap to 0 (slice copies)
+        self._feats[start:start + first], self._ids[start:start + first] = feats[:first], ids[:first]
+        self._feats[:keep - first], self._ids[:keep - first] = feats[first:], ids[first:]
         self.ptr = (self.ptr + n) % self.size
         self.count = min(self.count + n, self.size)
 
@@ -85,17 +91,31 @@ class _RingBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (into this buffer's device and dtype)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict expects the dict saved by state_dict(), got {type(state).__name__}")
         missing = {"features", "item_ids", "ptr", "count"} - set(state)
         if missing:
             raise ValueError(f"state_dict is missing {sorted(missing)}; pass the dict saved by state_dict()")
-        if tuple(state["features"].shape) != (self.size, self.dim):
+        feats, ids = state["features"], state["item_ids"]
+        if not isinstance(feats, torch.Tensor) or not isinstance(ids, torch.Tensor):
+            raise TypeError("state_dict['features'] and ['item_ids'] must be tensors; pass the dict saved by state_dict()")
+        if tuple(feats.shape) != (self.size, self.dim):
             raise ValueError(
-                f"saved buffer is {tuple(state['features'].shape)} but this one is ({self.size}, {self.dim}); "
+                f"saved buffer is {tuple(feats.shape)} but this one is ({self.size}, {self.dim}); "
                 "create it with the same size and dim"
             )
-        self._feats.copy_(state["features"])
-        self._ids.copy_(state["item_ids"])
-        self.ptr, self.count = int(state["ptr"]), int(state["count"])
+        if not feats.dtype.is_floating_point:
+            raise ValueError(f"state_dict['features'] must be floating point, got {feats.dtype}")
+        ids = check_ids("state_dict['item_ids']", ids, self.size)
+        ptr = check_int("state_dict['ptr']", state["ptr"], minimum=0, maximum=self.size - 1)
+        count = check_int("state_dict['count']", state["count"], minimum=0, maximum=self.size)
+        if count < self.size and ptr != count:
+            raise ValueError(f"state_dict has ptr={ptr} but count={count}: a buffer that is not full writes at "
+                             "slot count; the state is corrupt or from another buffer")
+        check_finite("state_dict['features']", feats[:count])
+        self._feats.copy_(feats)
+        self._ids.copy_(ids)
+        self.ptr, self.count = ptr, count
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, dim={self.dim}, filled={self.count}, device={self.device})"
@@ -161,6 +181,7 @@ class HardNegativeMemory(_RingBuffer):
         """
         _check_sim(sim)
         _check_k(k)
+        margin = check_real("margin", margin)
         valid = _negative_mask(sim, row_ids, col_ids)
         s_pos = _paired_positive(sim.T, valid.T, pos_for_cols, "pos_for_cols")  # (cols,)
         excess = sim - s_pos[None, :]  # (rows, cols)
@@ -223,6 +244,7 @@ class MomentumEncoder(nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        momentum = check_real("momentum", momentum)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (e.g. 0.999), got {momentum}")
         self.momentum = float(momentum)
@@ -232,6 +254,8 @@ class MomentumEncoder(nn.Module):
     @torch.no_grad()
     def update(self, online: nn.Module) -> None:
         """One EMA step towards ``online`` (same architecture as the wrapped module)."""
+        if not isinstance(online, nn.Module):
+            raise ValueError(f"online must be the torch.nn.Module that was wrapped, got {type(online).__name__}")
         for kind, mine, theirs in (
             ("parameters", self.module.named_parameters(), online.named_parameters()),
             ("buffers", self.module.named_buffers(), online.named_buffers()),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_finite, check_ids, check_real
+
 __all__ = [
     "random_negatives",
     "hardest_negatives",
@@ -42,11 +44,15 @@ def _check_sim(sim: torch.Tensor) -> None:
         raise ValueError(f"sim is empty (shape {tuple(sim.shape)}); mine on a non-empty batch")
     if not sim.is_floating_point():
         raise ValueError(f"sim must be a floating-point tensor, got {sim.dtype}; cast it with sim.float()")
-    if not bool(torch.isfinite(sim).all()):
-        raise ValueError("sim has NaN or inf entries; exclude pairs through item ids instead of masking sim")
+    try:
+        check_finite("sim", sim)
+    except ValueError as err:
+        raise ValueError(f"{err}; exclude pairs through item ids instead of masking sim") from None
 
 
 def _check_k(k: int) -> None:
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
+        k = int(k)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer (negatives per anchor), got {k!r}")
 
@@ -69,6 +75,7 @@ def _negative_mask(sim: torch.Tensor, img_ids, txt_ids) -> torch.Tensor:
             f"ids must be 1-d with one id per row/column of sim {tuple(sim.shape)}: "
             f"got img_ids {tuple(img_ids.shape)} and txt_ids {tuple(txt_ids.shape)}"
         )
+    img_ids, txt_ids = check_ids("img_ids", img_ids, n_img), check_ids("txt_ids", txt_ids, n_txt)
     return img_ids[:, None] != txt_ids[None, :]
 
 
@@ -77,8 +84,17 @@ def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor
 
     A stable descending sort puts equal scores in index order, which is the tie rule of this module.
     """
-    order = torch.sort(scores.masked_fill(~keep, float("-inf")), dim=1, descending=True, stable=True).indices
-    idx = order[:, :k]
+    masked = scores.masked_fill(~keep, float("-inf"))
+    idx = None
+    if k == 1:  # argmax returns the first maximal index: the same tie rule, without a sort
+        idx = masked.argmax(1, keepdim=True)
+    elif k < masked.shape[1]:
+        kth = torch.topk(masked, k, dim=1).values[:, -1:]
+        if not bool(((masked >= kth).sum(1) > k).any()):  # no tie across the k-th place: the set is exact
+            sel = torch.topk(masked, k, dim=1).indices.sort(1).values  # index order, then a stable sort by score
+            idx = sel.gather(1, torch.sort(masked.gather(1, sel), dim=1, descending=True, stable=True).indices)
+    if idx is None:  # ties at the boundary (or k >= the number of columns): the full stable sort
+        idx = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
     n_keep = keep.sum(1, keepdim=True)
     slot = torch.arange(idx.shape[1], device=scores.device)
     idx = torch.where(slot[None, :] < n_keep, idx, torch.full_like(idx, -1))
@@ -140,6 +156,8 @@ def random_negatives(
     _check_sim(sim)
     _check_k(k)
     valid = _negative_mask(sim, img_ids, txt_ids)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     gen_device = generator.device if generator is not None else sim.device
     u = torch.rand(sim.shape, generator=generator, device=gen_device).to(sim.device)
     return _topk_rows(u, valid, k), _topk_rows(u.T, valid.T, k)
@@ -216,6 +234,7 @@ def semi_hard_negatives(
     """
     _check_sim(sim)
     _check_k(k)
+    margin = check_real("margin", margin)
     if not margin > 0:
         raise ValueError(f"margin must be > 0 for semi-hard mining (window (s_pos - margin, s_pos)), got {margin}")
     if fallback not in ("hardest", "none"):
@@ -305,6 +324,7 @@ def margin_violation_fraction(
     Returns:
         A 0-d float tensor in [0, 1]; NaN when there is no triplet at all.
     """
+    margin = check_real("margin", margin)
     g_img, g_txt = anchor_negative_gaps(sim, neg_for_images, neg_for_texts, pos_for_images, pos_for_texts)
     gaps = torch.cat([g_img, g_txt]).float()
     return (gaps < margin).float().mean() if gaps.numel() else gaps.new_tensor(float("nan"))

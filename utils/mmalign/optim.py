@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_positive, check_real, check_tensor
+
 
 def lamb_trust_ratio(weight: torch.Tensor, update: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
     r"""Layer-wise trust ratio :math:`\min(\lVert w \rVert / \lVert u \rVert, c)`, or 1 if either norm is 0.
@@ -16,6 +18,11 @@ def lamb_trust_ratio(weight: torch.Tensor, update: torch.Tensor, clamp: float = 
     Returns:
         0-d tensor on weight's device (no host sync).
     """
+    for name, t in (("weight", weight), ("update", update)):
+        check_tensor(name, t, finite=False, nonempty=False)
+    if weight.shape != update.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and update {tuple(update.shape)} must have the same shape")
+    clamp = check_positive("clamp", clamp)
     w_norm, u_norm = weight.norm(), update.norm()
     ratio = (w_norm / u_norm).clamp(0, clamp)
     return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
@@ -47,6 +54,11 @@ class LAMB(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, clamp: float = 10.0, bias_correction: bool = True):
+        lr, eps, weight_decay = check_real("lr", lr), check_real("eps", eps), check_real("weight_decay", weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2) such as (0.9, 0.999), got {betas!r}")
+        betas = (check_real("betas[0]", betas[0]), check_real("betas[1]", betas[1]))
+        clamp = check_real("clamp", clamp)
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -79,11 +91,15 @@ class LAMB(torch.optim.Optimizer):
                 m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                # update = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, the same operations in the same
+                # order as written out, but in two scratch tensors instead of five temporaries
                 if group["bias_correction"]:
-                    m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+                    denom = (v / (1 - beta2**t)).sqrt_()
+                    update = (m / (1 - beta1**t)).div_(denom.add_(group["eps"]))
                 else:
-                    m_hat, v_hat = m, v
-                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                    update = m / v.sqrt().add_(group["eps"])
+                    denom = torch.empty_like(update)
+                update.add_(torch.mul(p, group["weight_decay"], out=denom))
                 ratio = lamb_trust_ratio(p, update, group["clamp"])
-                p.sub_(group["lr"] * ratio * update)
+                p.sub_(update.mul_(group["lr"] * ratio))
         return loss

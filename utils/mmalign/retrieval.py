@@ -25,21 +25,31 @@ from typing import Iterable
 
 import torch
 
-from .losses.info_nce import similarity as _similarity
+from .checks import check_all_finite, check_embeddings, check_ids, check_int, disabled
+from .losses.info_nce import _similarity
 
 
-def _check_embeddings(q: torch.Tensor, g: torch.Tensor) -> None:
+def _check_embeddings(q: torch.Tensor, g: torch.Tensor, names: tuple[str, str] = ("query", "gallery")) -> None:
+    """Structure (2-d, real floating, same width, non-empty) and one fused NaN/inf scan of both."""
+    for name, t in zip(names, (q, g)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} embeddings must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 2 or g.dim() != 2:
         raise ValueError(f"embeddings must be 2-d (n, dim); got query {tuple(q.shape)} and gallery {tuple(g.shape)}")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}: project both into the same space")
     if q.shape[0] == 0 or g.shape[0] == 0:
         raise ValueError(f"empty query set or gallery ({q.shape[0]} queries, {g.shape[0]} gallery items)")
+    if q.device != g.device:
+        raise ValueError(f"{names[0]} is on {q.device} but {names[1]} on {g.device}; move both to one device")
+    for name, t in zip(names, (q, g)):
+        check_embeddings(name, t, finite=False)
+    check_all_finite((names[0], q), (names[1], g))
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Cosine (or dot-product if ``normalize=False``) similarity with input checks: (N, D), (M, D) -> (N, M)."""
-    _check_embeddings(a, b)
+    _check_embeddings(a, b, ("a", "b"))
     return _similarity(a, b, normalize)
 
 
@@ -47,13 +57,30 @@ def _check_ids(emb: torch.Tensor, ids, what: str) -> torch.Tensor:
     ids = torch.as_tensor(ids, device=emb.device)
     if ids.dim() != 1 or ids.shape[0] != emb.shape[0]:
         raise ValueError(f"{what} ids must be 1-d with one id per row: {tuple(ids.shape)} ids for {emb.shape[0]} rows")
-    return ids
+    return check_ids(f"{what}_ids", ids, emb.shape[0])
 
 
 def _chunks(n_queries: int, n_gallery: int, chunk_size: int | None):
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, minimum=1)
     size = chunk_size or max(1, (1 << 24) // max(n_gallery, 1))
     for start in range(0, n_queries, size):
         yield slice(start, min(start + size, n_queries))
+
+
+def _positive_lists(q_ids: torch.Tensor, g_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, P) gallery indices of each query's positives (equal ids), padded, and a (Q, P) validity mask;
+    P is the largest number of positives of a query. Raises for a query without a positive."""
+    g_sorted, perm = torch.sort(g_ids, stable=True)
+    start = torch.searchsorted(g_sorted, q_ids, right=False)
+    count = torch.searchsorted(g_sorted, q_ids, right=True) - start
+    if bool((count == 0).any()):
+        missing = int((count == 0).nonzero()[0, 0])
+        raise ValueError(f"query {missing} (id {int(q_ids[missing])}) has no positive in the gallery")
+    slot = torch.arange(int(count.max()), device=q_ids.device)
+    valid = slot[None, :] < count[:, None]
+    index = perm[(start[:, None] + slot[None, :]).clamp(max=len(g_ids) - 1)]
+    return index, valid
 
 
 def _log_comb(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -77,23 +104,38 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, query_ids, gallery_i
     """
     _check_embeddings(query, gallery)
     q_ids, g_ids = _check_ids(query, query_ids, "query"), _check_ids(gallery, gallery_ids, "gallery")
-    ks = sorted(set(int(k) for k in ks))
+    if isinstance(ks, (int, torch.Tensor)) and not isinstance(ks, bool):
+        ks = [ks] if isinstance(ks, int) else ks.tolist()
+    ks = sorted(set(check_int("every K in ks", k) for k in ks))
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, minimum=1)
     if not ks or ks[0] < 1 or ks[-1] > gallery.shape[0]:
         raise ValueError(f"every K must satisfy 1 <= K <= gallery size ({gallery.shape[0]}); got {ks}")
-    if not (torch.isfinite(query).all() and torch.isfinite(gallery).all()):
-        raise ValueError("embeddings contain NaN or inf; check the model (a diverged loss?) before scoring")
     k_tensor = torch.tensor(ks, dtype=torch.float64, device=query.device)
     hits = torch.zeros(len(ks), dtype=torch.float64, device=query.device)
+    # Checked once above; normalised once here (not per chunk): the same values, row by row.
+    dtype = torch.promote_types(torch.promote_types(query.dtype, gallery.dtype), torch.float32)
+    query, gallery = query.to(dtype), gallery.to(dtype)
+    if normalize:
+        query, gallery = torch.nn.functional.normalize(query, dim=-1), torch.nn.functional.normalize(gallery, dim=-1)
+    pos_index, pos_valid = _positive_lists(q_ids, g_ids)
     for rows in _chunks(query.shape[0], gallery.shape[0], chunk_size):
-        scores = similarity(query[rows], gallery, normalize)
-        pos = q_ids[rows, None] == g_ids[None, :]
-        if not bool(pos.any(1).all()):
-            missing = int((~pos.any(1)).nonzero()[0, 0]) + rows.start
-            raise ValueError(f"query {missing} (id {int(q_ids[missing])}) has no positive in the gallery")
-        best = scores.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
-        above = ((scores > best) & ~pos).sum(1).double()
-        tied_neg = ((scores == best) & ~pos).sum(1).double()
-        tied_pos = ((scores == best) & pos).sum(1).double()
+        with disabled():  # the finiteness scan ran once above; do not rescan the gallery per chunk
+            scores = similarity(query[rows], gallery, False)
+        # The best positive from each query's list of positives (no (chunk, G) mask): every gallery item
+        # scoring above it is a negative, and the tied ones are all ties minus the tied positives.
+        pos_scores = scores.gather(1, pos_index[rows]).masked_fill(~pos_valid[rows], float("-inf"))
+        best = pos_scores.amax(1, keepdim=True)
+        tied_pos = ((pos_scores == best) & pos_valid[rows]).sum(1).double()
+        # Only ranks up to max(ks) matter: count within the top max(ks) scores (a top-k, not a pass over
+        # the gallery), and recount exactly the rare rows whose ties may run past it.
+        top = torch.topk(scores, ks[-1], dim=1).values
+        above, tied = (top > best).sum(1), (top == best).sum(1)
+        unsure = ((above + tied) >= ks[-1]) & (tied > 0)
+        if bool(unsure.any()):
+            r = unsure.nonzero().flatten()
+            above[r], tied[r] = (scores[r] > best[r]).sum(1), (scores[r] == best[r]).sum(1)
+        above, tied_neg = above.double(), tied.double() - tied_pos
         m = (k_tensor[None, :] - above[:, None])  # tied slots left inside the top K
         t, p = tied_neg[:, None], tied_pos[:, None]
         m_safe = m.clamp(0, None).minimum(t)
@@ -120,6 +162,8 @@ def retrieval_report(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids,
 
 def chance_recall(n_gallery: int, n_positives: int, k: int) -> float:
     """Recall@K of a random ranking: 1 - C(G - P, K) / C(G, K), for P positives among G items."""
+    n_gallery, n_positives, k = (check_int(name, v) for name, v in
+                                 (("n_gallery", n_gallery), ("n_positives", n_positives), ("k", k)))
     if not (1 <= n_positives <= n_gallery and 1 <= k <= n_gallery):
         raise ValueError(f"need 1 <= positives <= gallery and 1 <= k <= gallery, got "
                          f"gallery={n_gallery}, positives={n_positives}, k={k}")
@@ -134,6 +178,7 @@ def top_k(query: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int | 
           normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar gallery items per query: (scores (Q, k), indices (Q, k))."""
     _check_embeddings(query, gallery)
+    k = check_int("k", k)
     if not 1 <= k <= gallery.shape[0]:
         raise ValueError(f"k must be in 1..{gallery.shape[0]} (the gallery size), got {k}")
     out = [similarity(query[rows], gallery, normalize).topk(k, dim=1)
@@ -147,6 +192,7 @@ def precision_at_k(query: torch.Tensor, gallery: torch.Tensor, query_ids, galler
     (pessimistic), so equal scores never inflate precision."""
     _check_embeddings(query, gallery)
     q_ids, g_ids = _check_ids(query, query_ids, "query"), _check_ids(gallery, gallery_ids, "gallery")
+    max_k = check_int("max_k", max_k)
     if not 1 <= max_k <= gallery.shape[0]:
         raise ValueError(f"max_k must be in 1..{gallery.shape[0]} (the gallery size), got {max_k}")
     total = torch.zeros(max_k, dtype=torch.float64, device=query.device)

@@ -50,10 +50,19 @@ def load_karpathy_split(
         )
     if not image_root.is_dir():
         raise FileNotFoundError(f"image folder {image_root} not found. {IMAGES_HELP}")
-    with open(json_path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{json_path} is not valid JSON ({err}); the file is truncated or damaged: download and "
+                         f"unzip the Karpathy splits again ({SPLITS_URL})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{json_path} is not a Karpathy split file: expected a JSON object with an 'images' list")
+    if not (isinstance(split, str) or (isinstance(split, (tuple, list)) and split
+                                       and all(isinstance(s, str) for s in split))):
+        raise TypeError(f"split must be a split name or a tuple of them, e.g. ('train', 'restval'), got {split!r}")
+    for i, im in enumerate(data["images"]):
+        _check_image_entry(json_path, i, im)
     wanted = (split,) if isinstance(split, str) else tuple(split)
     available = sorted({im.get("split") for im in data["images"]})
     unknown = [s for s in wanted if s not in available]
@@ -73,6 +82,24 @@ def load_karpathy_split(
     return entries
 
 
+def _check_image_entry(json_path: Path, i: int, im) -> None:
+    """Entry ``i`` of the 'images' list has the fields this loader reads, with the right types."""
+    where = f"{json_path}: images[{i}]"
+    if not isinstance(im, dict):
+        raise ValueError(f"{where} is a {type(im).__name__}, not an object; is this a Karpathy split file?")
+    missing = [k for k in ("filename", "split", "sentences", "imgid") if k not in im]
+    if missing:
+        raise ValueError(f"{where} lacks the field(s) {missing} (it has {sorted(im)}); a Karpathy split entry has "
+                         "filename, split, sentences and imgid: download the split file again")
+    if not isinstance(im["sentences"], list) or not all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                                                        for s in im["sentences"]):
+        raise ValueError(f"{where}: 'sentences' must be a list of objects with a 'raw' caption string")
+    if not isinstance(im["filename"], str) or not isinstance(im.get("filepath", ""), str):
+        raise ValueError(f"{where}: 'filename' (and 'filepath') must be strings")
+    if isinstance(im["imgid"], bool) or not isinstance(im["imgid"], int):
+        raise ValueError(f"{where}: 'imgid' must be an integer, got {im['imgid']!r}")
+
+
 class KarpathyDataset(torch.utils.data.Dataset):
     """Images with all their captions: item i is ``(image, [captions], imgid)``.
 
@@ -89,14 +116,34 @@ class KarpathyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, captions, imgid = self.entries[i]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {path} (item {i}) is missing. {IMAGES_HELP}") from None
+        except Exception as err:  # truncated or not an image: PIL raises OSError, UnidentifiedImageError...
+            raise ValueError(f"image {path} (item {i}) cannot be decoded ({type(err).__name__}: {err}); the file is "
+                             "truncated or damaged: download it again") from None
         return (image if self.transform is None else self.transform(image)), captions, imgid
 
 
 def karpathy_collate(batch):
     """``[(image, captions, imgid), ...]`` -> (stacked images if tensors else list, list of caption lists, (B,) ids)."""
+    if not isinstance(batch, (list, tuple)) or not batch:
+        raise ValueError(f"karpathy_collate expects a non-empty list of (image, captions, imgid) items, got {batch!r:.80}")
+    for j, item in enumerate(batch):
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise ValueError(f"karpathy_collate: item {j} must be (image, [captions], imgid) as KarpathyDataset "
+                             f"returns, got {type(item).__name__} {item!r:.80}")
+        if not isinstance(item[1], (list, tuple)) or not all(isinstance(c, str) for c in item[1]):
+            raise ValueError(f"karpathy_collate: item {j}'s captions must be a list of strings, got {item[1]!r:.80}")
+        if isinstance(item[2], bool) or not isinstance(item[2], int):
+            raise ValueError(f"karpathy_collate: item {j}'s imgid must be an integer, got {item[2]!r}")
     images, captions, ids = zip(*batch)
+    shapes = {tuple(x.shape) for x in images if isinstance(x, torch.Tensor)}
+    if len(shapes) > 1:
+        raise ValueError(f"karpathy_collate: image tensors have different shapes {sorted(shapes)}; resize them to one "
+                         "size in the transform (e.g. torchvision Resize + CenterCrop)")
     if all(isinstance(x, torch.Tensor) for x in images):
         images = torch.stack(images)
     else:

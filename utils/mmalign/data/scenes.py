@@ -13,6 +13,7 @@ negative caption per language (one attribute or the relation swapped), and grade
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_int
 from ..config import Config, cache_dir, load_config
 from . import captions as cap
+from .cache import CacheWarning, atomic_write, atomic_write_text
 from .render import render
 
 FORMAT_VERSION = 1
@@ -58,32 +61,86 @@ class SceneWorld:
 
     def caption_table(self, lang: str = "en") -> tuple[list[str], np.ndarray]:
         """All captions of ``lang`` flattened, and their scene ids: (N*K strings, (N*K,) int64)."""
+        _check_lang(lang, self.captions)
         texts = [c for per_scene in self.captions[lang] for c in per_scene]
         ids = np.repeat(np.arange(len(self)), [len(c) for c in self.captions[lang]])
         return texts, ids
 
     def save(self, path: Path) -> None:
+        """Write ``arrays.npz`` then ``scenes.json``, each atomically (temporary file, then rename); both
+        record :attr:`meta`, so a half-written or mixed-up folder is detected by :meth:`load`."""
+        path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path / "arrays.npz", images=self.images, depth=self.depth, masks=self.masks)
+        meta = json.dumps(self.meta, sort_keys=True)
+
+        def write_arrays(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+                np.savez_compressed(f, images=self.images, depth=self.depth, masks=self.masks, meta=np.array(meta))
+
+        atomic_write(path / "arrays.npz", write_arrays)
         payload = {k: getattr(self, k) for k in ("graphs", "captions", "plans", "hard_negatives",
                                                   "hard_negative_kinds", "meta")}
-        (path / "scenes.json").write_text(json.dumps(payload, ensure_ascii=False))
+        atomic_write_text(path / "scenes.json", json.dumps(payload, ensure_ascii=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "SceneWorld":
+    def load(cls, path: str | Path, expect: dict | None = None) -> "SceneWorld":
+        """Read a world written by :meth:`save`; a truncated, inconsistent or (with ``expect``, a dict of
+        meta values) mismatched folder raises a ValueError naming the path and the fix."""
         path = Path(path)
         if not (path / "arrays.npz").exists() or not (path / "scenes.json").exists():
             raise FileNotFoundError(
                 f"no scene world at {path} (expected arrays.npz and scenes.json there); generate it with "
                 "mmalign.data.scenes.load_scene_world(split, cfg), which writes it to the cache"
             )
-        arrays = np.load(path / "arrays.npz")
-        payload = json.loads((path / "scenes.json").read_text())
-        return cls(images=arrays["images"], depth=arrays["depth"], masks=arrays["masks"], **payload)
+        fix = "delete the folder and call load_scene_world again to regenerate it"
+        try:
+            with np.load(path / "arrays.npz") as arrays:
+                images, depth, masks = arrays["images"], arrays["depth"], arrays["masks"]
+                array_meta = json.loads(str(arrays["meta"])) if "meta" in arrays.files else None
+        except Exception as err:  # truncated zip, bad CRC, not an npz
+            raise ValueError(f"scene world {path / 'arrays.npz'} cannot be read ({type(err).__name__}: "
+                             f"{str(err)[:120]}); {fix}") from None
+        try:
+            payload = json.loads((path / "scenes.json").read_text(encoding="utf-8"))
+            world = cls(images=images, depth=depth, masks=masks, **payload)
+        except Exception as err:
+            raise ValueError(f"scene world {path / 'scenes.json'} cannot be read ({type(err).__name__}: "
+                             f"{str(err)[:120]}); {fix}") from None
+        problem = world._inconsistency(array_meta, expect)
+        if problem:
+            raise ValueError(f"scene world at {path} {problem}; {fix}")
+        return world
+
+    def _inconsistency(self, array_meta: dict | None, expect: dict | None) -> str | None:
+        """Why the loaded arrays and lists do not form the world their meta describes (None if they do)."""
+        meta = self.meta
+        if array_meta is not None and array_meta != meta:
+            return "has arrays.npz and scenes.json from two different worlds (their meta differ)"
+        if expect:
+            diff = sorted(k for k in expect if meta.get(k) != expect[k])
+            if diff:
+                return "was generated with other settings: " + ", ".join(
+                    f"{k}={meta.get(k)!r} (expected {expect[k]!r})" for k in diff)
+        n, px = meta.get("n"), meta.get("image_size")
+        if n is not None and px is not None:
+            shapes = {"images": (n, px, px, 3), "depth": (n, px, px), "masks": (n, px, px)}
+            for name, shape in shapes.items():
+                if getattr(self, name).shape != shape:
+                    return f"holds {name} of shape {getattr(self, name).shape}, expected {shape}"
+        n = len(self.graphs) if n is None else n
+        lists = {"graphs": self.graphs, "plans": self.plans, "hard_negative_kinds": self.hard_negative_kinds}
+        lists.update({f"captions[{lang!r}]": c for lang, c in self.captions.items()})
+        for name, value in lists.items():
+            if len(value) != n:
+                return f"holds {len(value)} {name}, expected {n}"
+        return None
 
 
 def sample_graph(rng: np.random.Generator, max_objects: int = 3) -> dict:
     """A random scene graph: 1..max_objects objects in distinct slots, distinct (colour, shape) pairs."""
+    check_int("max_objects", max_objects, minimum=1, maximum=len(_SLOT_X) * len(_SLOT_Z))
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
     n = int(rng.integers(1, max_objects + 1))
     slots = rng.choice(len(_SLOT_X) * len(_SLOT_Z), size=n, replace=False)
     combos = rng.choice(len(cap.COLORS) * len(cap.SHAPES), size=n, replace=False)
@@ -114,10 +171,17 @@ def relations_of(objects: list[dict]) -> list:
 
 
 def generate_scenes(n: int, seed: int, image_size: int = 64, captions_per_image: int = 3,
-                    progress: bool = False) -> SceneWorld:
-    """Generate ``n`` scenes deterministically from ``seed`` (images, depth, masks, graphs, captions)."""
+                    progress: bool = False, max_objects: int = 3) -> SceneWorld:
+    """Generate ``n`` scenes deterministically from ``seed`` (images, depth, masks, graphs, captions).
+
+    ``image_size`` >= 8 pixels, ``captions_per_image`` >= 1, ``max_objects`` in 1..6 (the slots)."""
+    n = check_int("n", n)
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    check_int("seed", seed, minimum=0)
+    check_int("image_size", image_size, minimum=8)
+    check_int("captions_per_image", captions_per_image, minimum=1)
+    check_int("max_objects", max_objects, minimum=1, maximum=len(_SLOT_X) * len(_SLOT_Z))
     rng = np.random.default_rng(seed)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     depth = np.empty((n, image_size, image_size), np.float32)
@@ -131,7 +195,7 @@ def generate_scenes(n: int, seed: int, image_size: int = 64, captions_per_image:
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="rendering scenes", leave=False)
     for i in iterator:
-        graph = sample_graph(rng)
+        graph = sample_graph(rng, max_objects)
         light = (rng.uniform(-0.8, -0.2), 1.0, rng.uniform(-0.9, -0.3))
         objs = [dict(o, radius=SIZE_RADIUS[o["size"]],
                      rgb=tuple(np.clip(np.array(COLOR_RGB[o["color"]]) + rng.normal(0, 0.03, 3), 0, 1)))
@@ -148,6 +212,8 @@ def generate_scenes(n: int, seed: int, image_size: int = 64, captions_per_image:
         plans.append(scene_plans)
     meta = {"n": n, "seed": seed, "image_size": image_size, "captions_per_image": captions_per_image,
             "format_version": FORMAT_VERSION}
+    if max_objects != 3:  # recorded when not the default, so the default worlds' meta is unchanged
+        meta["max_objects"] = max_objects
     return SceneWorld(images, depth, masks, graphs, captions, plans, hard, hard_kinds, meta)
 
 
@@ -170,21 +236,39 @@ def load_scene_world(split: str = "train", cfg: Config | None = None, n: int | N
                      captions_per_image: int = 3) -> SceneWorld:
     """The ``split`` (train | val | test) of the scene world for ``cfg``'s profile, cached on disk.
 
-    The first call renders and saves it under ``cache_dir('scenes')``; later calls read it back.
+    The first call renders and saves it under ``cache_dir('scenes')``; later calls read it back. The
+    entry records its meta (n, seed, image size, captions per image, split, format) in both files and
+    is checked on load: a truncated, mixed-up or mismatched entry is regenerated (with a
+    :class:`~mmalign.data.cache.CacheWarning`), never used.
     """
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"split must be one of {tuple(SPLIT_OFFSETS)}, got {split!r}")
+    if cfg is not None and not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a mmalign.config.Config (load_config()), got {type(cfg).__name__}")
     cfg = cfg or load_config()
-    n = n or {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
-    seed = (cfg.seed if seed is None else seed) * 1000 + SPLIT_OFFSETS[split]
-    image_size = image_size or cfg.image_size
+    n = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split] if n is None else check_int("n", n)
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n} (None takes the profile's size)")
+    seed = check_int("seed", cfg.seed if seed is None else seed, minimum=0) * 1000 + SPLIT_OFFSETS[split]
+    image_size = cfg.image_size if image_size is None else check_int("image_size", image_size, minimum=8)
+    check_int("captions_per_image", captions_per_image, minimum=1)
     path = cache_dir("scenes") / f"{split}-n{n}-seed{seed}-px{image_size}-k{captions_per_image}-v{FORMAT_VERSION}"
+    expect = {"n": n, "seed": seed, "image_size": image_size, "captions_per_image": captions_per_image,
+              "format_version": FORMAT_VERSION, "split": split}
     if (path / "scenes.json").exists():
-        return SceneWorld.load(path)
+        try:
+            return SceneWorld.load(path, expect=expect)
+        except ValueError as err:
+            warnings.warn(f"{err}; regenerating it", CacheWarning, stacklevel=2)
     world = generate_scenes(n, seed, image_size, captions_per_image, progress=True)
     world.meta["split"] = split
     world.save(path)
     return world
+
+
+def _check_lang(lang, captions: dict) -> None:
+    if lang not in captions:
+        raise ValueError(f"unknown language {lang!r}; this world has captions in {tuple(captions)}")
 
 
 def graded_caption_pairs(world: SceneWorld, n_pairs: int, seed: int = 0, lang: str = "en"):
@@ -196,6 +280,8 @@ def graded_caption_pairs(world: SceneWorld, n_pairs: int, seed: int = 0, lang: s
 
     Returns three lists: captions a, captions b, grades (float).
     """
+    check_int("n_pairs", n_pairs, minimum=0)
+    _check_lang(lang, world.captions)
     rng = np.random.default_rng(seed)
     a_texts, b_texts, grades = [], [], []
     k = world.captions_per_image

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checks import check_int
+
 EMBEDDING_DIM = 2048
 FILTER_REASONS = ("no_caption",)  # records filtered out, never an error
 
@@ -92,6 +94,11 @@ def read_wit_records(
     path = Path(path)
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if limit is not None:
+        check_int("limit", limit, minimum=1)
+    check_int("embedding_dim", embedding_dim, minimum=1)
+    if language is not None and not isinstance(language, str):
+        raise TypeError(f"language must be a language code such as 'en' (or None for any), got {language!r}")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: download a WIT file (e.g. part-00000.json.gz) from "
@@ -219,6 +226,12 @@ class WitDataset(torch.utils.data.Dataset):
             self.records, self.stats = read_wit_records(source, language, on_error, limit)
         else:
             self.records, self.stats = list(source), None
+            bad = [i for i, r in enumerate(self.records) if not isinstance(r, WitRecord)]
+            if bad:
+                raise TypeError(f"source must be a json.gz path or a list of WitRecord; item {bad[0]} is a "
+                                f"{type(self.records[bad[0]]).__name__}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         self.transform = transform
 
     def __len__(self) -> int:

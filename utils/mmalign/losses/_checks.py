@@ -1,25 +1,78 @@
-"""Input checks shared by the losses: clear errors instead of silent broadcasting."""
+"""Input checks shared by the losses, on top of the library-wide policy in :mod:`mmalign.checks`:
+clear errors instead of silent broadcasting, NaN losses or errors from inside torch.
+
+Every loss checks its embeddings (2-d, real floating, non-empty, same width), its numbers
+(temperature > 0, margins in range) and, with one fused scan per call, that no input is NaN/inf.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ..checks import (check_all_finite, check_embeddings, check_ids, check_nonnegative, check_positive,
+                      check_tensor)
 
-def check_pair(a: torch.Tensor, b: torch.Tensor, same_length: bool = True) -> None:
-    """Two (N, D) / (M, D) embedding batches with the same D (and N == M if ``same_length``)."""
-    if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"expected 2-d (batch, dim) embeddings, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+__all__ = ["check_pair", "check_temperature", "check_sim", "positive_mask", "check_all_finite",
+           "check_nonnegative", "check_positive"]
+
+
+def check_pair(a: torch.Tensor, b: torch.Tensor, same_length: bool = True, names: tuple[str, str] = ("a", "b"),
+               finite: bool = True) -> None:
+    """Two (N, D) / (M, D) embedding batches with the same D (and N == M if ``same_length``), real
+    floating and (unless ``finite=False``) free of NaN/inf, scanned in one fused pass."""
+    na, nb = names
+    for name, t in ((na, a), (nb, b)):
+        if isinstance(t, torch.Tensor) and t.dim() != 2:
+            raise ValueError(f"expected 2-d (batch, dim) embeddings, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+                             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                             else f"{name} must be 2-d (batch, dim), got shape {tuple(t.shape)}")
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape[0] == 0 or b.shape[0] == 0:
+            raise ValueError(f"empty batch: {na} has shape {tuple(a.shape)}, {nb} has shape {tuple(b.shape)}")
+    check_embeddings(na, a, finite=False)
+    check_embeddings(nb, b, finite=False)
     if a.shape[1] != b.shape[1]:
         raise ValueError(
-            f"embedding sizes differ: {a.shape[1]} vs {b.shape[1]}; project both views to the same dim first"
+            f"embedding sizes differ: {na} has {a.shape[1]} features, {nb} has {b.shape[1]}; "
+            "project both views to the same dim first"
         )
     if same_length and a.shape[0] != b.shape[0]:
         raise ValueError(
             f"paired batches must have the same length, got {a.shape[0]} and {b.shape[0]} "
             "(pass item ids to use a label mask instead of the diagonal)"
         )
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        raise ValueError("empty batch")
+    if a.device != b.device:
+        raise ValueError(f"{na} is on {a.device} but {nb} is on {b.device}; move both to one device")
+    if finite:
+        check_all_finite((na, a), (nb, b))
+
+
+def check_temperature(temperature) -> float:
+    """tau: a finite number > 0 (a 0-d tensor, e.g. a learned temperature, is allowed)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a number, got a tensor of shape {tuple(temperature.shape)}")
+        value = float(temperature.detach())
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"temperature must be > 0 and finite, got {value}")
+        return value
+    try:
+        return check_positive("temperature", temperature)
+    except ValueError as err:
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}") from err
+
+
+def check_sim(sim, square: bool = True, name: str = "sim") -> int:
+    """A (B, B) (or any 2-d if not ``square``) real floating similarity matrix without NaN/inf."""
+    if isinstance(sim, torch.Tensor) and sim.dim() == 2 and square and (sim.shape[0] != sim.shape[1] or sim.shape[0] == 0):
+        raise ValueError(
+            f"expected a square (B, B) similarity matrix of a paired batch (positive on the diagonal), "
+            f"got shape {tuple(sim.shape)}"
+        )
+    if isinstance(sim, torch.Tensor) and sim.dim() != 2:
+        raise ValueError(f"expected a square (B, B) similarity matrix (2-d), got shape {tuple(sim.shape)}")
+    check_tensor(name, sim, ndim=2)
+    return sim.shape[0]
 
 
 def positive_mask(labels_a, labels_b, n_a: int, n_b: int, device) -> torch.Tensor:
@@ -30,4 +83,6 @@ def positive_mask(labels_a, labels_b, n_a: int, n_b: int, device) -> torch.Tenso
         raise ValueError(
             f"labels must be 1-d with one id per row: got {tuple(la.shape)} for {n_a} rows and {tuple(lb.shape)} for {n_b} rows"
         )
+    la = check_ids("labels_a (item ids)", la, n_a)
+    lb = check_ids("labels_b (item ids)", lb, n_b)
     return la[:, None] == lb[None, :]

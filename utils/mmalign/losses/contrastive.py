@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import positive_mask
+from ..checks import check_positive, check_real
+from ._checks import check_sim, positive_mask
 
 
 def contrastive_loss(
@@ -30,7 +31,8 @@ def contrastive_loss(
     The positive term uses :math:`d^2 = 2 - 2S` directly (no square root, smooth gradient).
 
     Args:
-        sim: (B, B) cosine similarities, rows images, columns captions (values in [-1, 1]).
+        sim: (B, B) cosine similarities, rows images, columns captions (values in [-1, 1]; values a
+            few ulps beyond, as half precision rounds them, count as +-1).
         item_ids: optional (B,) item ids; equal ids are positives. Default: the diagonal.
         margin: m in (0, 2]: negatives closer than m (in Euclidean distance between unit vectors)
             are pushed away. Two random directions in high dimension are about sqrt(2) apart.
@@ -39,12 +41,16 @@ def contrastive_loss(
     Returns:
         Scalar loss (float32 for half-precision ``sim``).
     """
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
-        raise ValueError(f"expected a square (B, B) similarity matrix of a paired batch, got shape {tuple(sim.shape)}")
+    check_sim(sim)
+    margin = check_real("margin", margin)
     if not 0 < margin <= 2:
         raise ValueError(f"margin must be in (0, 2] (distances between unit vectors lie in [0, 2]), got {margin}")
+    check_positive("eps", eps)
+    # A cosine computed in half precision may round above 1 (bf16: 1 + 2^-7); allow a few ulps of the
+    # input dtype (d^2 = 2 - 2S is clamped at 0 below, so such values are distance 0).
+    tol = max(1e-3, 4 * torch.finfo(sim.dtype).eps)
     sim = sim.to(torch.promote_types(sim.dtype, torch.float32))
-    if bool((sim.detach().abs() > 1 + 1e-3).any()):
+    if bool((sim.detach().abs() > 1 + tol).any()):
         raise ValueError(
             "contrastive_loss expects cosine similarities in [-1, 1], got values outside; "
             "L2-normalise the embeddings (or use mmalign.losses.info_nce.similarity) and do not divide by a temperature"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int, check_real
 from ._checks import check_pair
 
 
@@ -27,10 +28,13 @@ def cosine_embedding_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor
     """
     check_pair(a, b)
     target = torch.as_tensor(target, device=a.device)
+    if target.is_complex():
+        raise ValueError(f"target must hold +1 and -1, got a {target.dtype} tensor")
     if target.shape != (a.shape[0],):
         raise ValueError(f"target must have shape ({a.shape[0]},), one +1/-1 per pair, got {tuple(target.shape)}")
     if not bool(((target == 1) | (target == -1)).all()):
         raise ValueError("target must hold only +1 (matching pair) and -1 (non-matching pair); 0/1 labels: use 2*y-1")
+    margin = check_real("margin", margin)
     if not -1 <= margin <= 1:
         raise ValueError(f"margin must be in [-1, 1] (it is compared with a cosine), got {margin}")
     dtype = torch.promote_types(a.dtype, torch.float32)
@@ -61,6 +65,10 @@ def make_signed_pairs(
         ``(ia, ib, target)``: three (P,) tensors, ia/ib LongTensor row/column indices, target in {+1, -1}
         (float); the n positives come first, then the negatives ordered by anchor.
     """
+    n = check_int("n", n)
+    negatives_per_positive = check_int("negatives_per_positive", negatives_per_positive)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if n <= 0 or negatives_per_positive < 0:
         raise ValueError(f"need n > 0 and negatives_per_positive >= 0, got n={n}, {negatives_per_positive}")
     if generator is not None:

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_real
 from ._checks import check_pair
 
 
@@ -47,13 +48,19 @@ def hypersphere_loss(
     Returns:
         Scalar loss (float32 for half-precision inputs).
     """
-    check_pair(x, y)
+    check_pair(x, y, names=("x", "y"))
+    alpha, t = check_real("alpha", alpha), check_real("t", t)
+    lambda_align, lambda_uniform = check_real("lambda_align", lambda_align), check_real("lambda_uniform", lambda_uniform)
     if alpha <= 0 or t <= 0:
         raise ValueError(f"alpha and t must be > 0, got alpha={alpha}, t={t}")
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, y = F.normalize(x.to(dtype), dim=-1), F.normalize(y.to(dtype), dim=-1)
     n = x.shape[0]
-    align = (x - y).norm(dim=1).pow(alpha).mean()
+    # ||x - y||^alpha = (||x - y||^2)^(alpha/2); at distance 0 (identical pairs) the value and the
+    # gradient are 0: the where() keeps pow's infinite derivative (alpha < 1) and norm's 0/0 out of the graph.
+    d2 = (x - y).pow(2).sum(dim=1)
+    nonzero = d2 > 0
+    align = torch.where(nonzero, torch.where(nonzero, d2, 1.0).pow(alpha / 2), 0.0).mean()
     sq_dist = (2 - 2 * x @ y.T).clamp(min=0)  # ||x_i - y_j||^2 for unit vectors
     upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu()  # j >= i
     exponents = -t * sq_dist[upper]  # B(B+1)/2 terms

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_pair, positive_mask
+from ._checks import check_pair, check_temperature, positive_mask
 
 
 def info_nce(
@@ -37,10 +37,9 @@ def info_nce(
     Returns:
         The scalar loss (float32 even when the inputs are half precision).
     """
-    check_pair(a, b, same_length=labels_a is None)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = similarity(a, b, normalize) / temperature
+    check_pair(a, b, same_length=labels_a is None and labels_b is None)
+    check_temperature(temperature)
+    logits = _similarity(a, b, normalize) / temperature
     if labels_a is None and labels_b is None:
         target = torch.arange(a.shape[0], device=a.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -53,7 +52,14 @@ def similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torc
 
     Half-precision inputs are upcast to float32; float64 stays float64 (for gradcheck). Autocast is
     disabled here, so the logits built from this matrix stay float32 inside a fp16/bf16 autocast region.
+    Inputs are checked: (N, D) and (M, D) real floating embeddings without NaN/inf.
     """
+    check_pair(a, b, same_length=False)
+    return _similarity(a, b, normalize)
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """:func:`similarity` without the input checks (for callers that have checked already)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = a.to(dtype), b.to(dtype)

@@ -3,11 +3,14 @@ scheduled (Ilharco et al., 2019) and adaptive (Adaptive Mean Margin, Monfort et 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_pair, positive_mask
-from .info_nce import similarity
+from ..checks import check_int, check_real
+from ._checks import check_all_finite, check_pair, check_temperature, positive_mask
+from .info_nce import _similarity as similarity
 
 
 def mms_loss(
@@ -48,8 +51,7 @@ def mms_loss(
         Scalar loss (float32 for half-precision inputs).
     """
     check_pair(a, b)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     n = a.shape[0]
     sim = similarity(a, b, normalize)
     m_ab, m_ba = _as_margins(margin, n, sim)
@@ -71,11 +73,19 @@ def _as_margins(margin, n: int, sim: torch.Tensor) -> tuple[torch.Tensor, torch.
         m_ab = m_ba = margin
     out = []
     for m in (m_ab, m_ba):
+        if isinstance(m, torch.Tensor) and (m.is_complex() or m.dtype == torch.bool):
+            raise ValueError(f"margin must be real numbers, got a {m.dtype} tensor")
+        if not isinstance(m, torch.Tensor):
+            try:
+                check_real("margin", m)
+            except TypeError as err:
+                raise TypeError(f"margin must be a float, a ({n},) tensor or a pair of them, got {type(m).__name__}") from err
         m = torch.as_tensor(m, dtype=sim.dtype, device=sim.device).detach()
         if m.dim() == 0:
             m = m.expand(n)
         if m.shape != (n,):
             raise ValueError(f"margin must be a float, a ({n},) tensor or a pair of them, got shape {tuple(m.shape)}")
+        check_all_finite(("margin", m))
         out.append(m)
     return out[0], out[1]
 
@@ -93,6 +103,9 @@ class ScheduledMargin:
     """
 
     def __init__(self, start: float = 0.001, factor: float = 1.002, every: int = 1000, max_margin: float | None = 1.0):
+        start, factor = check_real("start", start), check_real("factor", factor)
+        every = check_int("every", every)
+        max_margin = None if max_margin is None else check_real("max_margin", max_margin)
         if start < 0 or factor < 1 or every < 1:
             raise ValueError(f"need start >= 0, factor >= 1 and every >= 1, got {start}, {factor}, {every}")
         if max_margin is not None and max_margin < start:
@@ -102,8 +115,17 @@ class ScheduledMargin:
 
     @property
     def value(self) -> float:
-        m = self.start * self.factor ** (self.num_steps // self.every)
-        return m if self.max_margin is None else min(m, self.max_margin)
+        k = self.num_steps // self.every
+        try:
+            m = self.start * self.factor ** k
+        except OverflowError:  # factor^k beyond float range: the cap (if any) has long been reached
+            m = math.inf if self.start > 0 else 0.0
+        if self.max_margin is not None:
+            return min(m, self.max_margin)
+        if not math.isfinite(m):
+            raise ValueError(f"the scheduled margin overflowed after {self.num_steps} steps ({self.start} * "
+                             f"{self.factor}^{k}); set max_margin to cap it")
+        return m
 
     def step(self) -> None:
         self.num_steps += 1
@@ -113,8 +135,12 @@ class ScheduledMargin:
                 "max_margin": self.max_margin, "num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.start, self.factor, self.every = state["start"], state["factor"], state["every"]
-        self.max_margin, self.num_steps = state["max_margin"], state["num_steps"]
+        """Restore :meth:`state_dict`; every value is validated as in the constructor."""
+        _check_state(self, state, ("start", "factor", "every", "max_margin", "num_steps"))
+        probe = ScheduledMargin(state["start"], state["factor"], state["every"], state["max_margin"])
+        num_steps = check_int("state['num_steps']", state["num_steps"], minimum=0)
+        self.start, self.factor, self.every, self.max_margin = probe.start, probe.factor, probe.every, probe.max_margin
+        self.num_steps = num_steps
 
 
 class AdaptiveMargin:
@@ -136,6 +162,7 @@ class AdaptiveMargin:
     """
 
     def __init__(self, alpha: float = 0.5):
+        alpha = check_real("alpha", alpha)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = alpha
@@ -160,4 +187,16 @@ class AdaptiveMargin:
         return {"alpha": self.alpha}
 
     def load_state_dict(self, state: dict) -> None:
-        self.alpha = state["alpha"]
+        """Restore :meth:`state_dict` (alpha validated as in the constructor)."""
+        _check_state(self, state, ("alpha",))
+        self.alpha = AdaptiveMargin(state["alpha"]).alpha
+
+
+def _check_state(obj, state, keys: tuple[str, ...]) -> None:
+    """``state`` is a dict holding ``keys`` (the dict saved by ``obj.state_dict()``)."""
+    name = type(obj).__name__
+    if not isinstance(state, dict):
+        raise TypeError(f"{name}.load_state_dict expects the dict saved by state_dict(), got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{name} state_dict is missing {missing}; pass the dict saved by {name}.state_dict()")

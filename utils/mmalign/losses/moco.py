@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_ids, check_tensor
+from ._checks import check_all_finite, check_temperature
+
 
 def moco_loss(
     q: torch.Tensor,
@@ -46,6 +49,7 @@ def moco_loss(
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a 2-d (batch, dim) tensor, got {shape}")
+        check_tensor(name, t, ndim=2, finite=False, nonempty=False)
     if q.shape != k_pos.shape:
         raise ValueError(
             f"q and k_pos must have the same shape (one positive key per query), "
@@ -58,10 +62,10 @@ def moco_loss(
             f"queue keys have dim {queue_keys.shape[1]} but queries have dim {q.shape[1]}; "
             f"build the queue with dim={q.shape[1]}"
         )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if (q_ids is None) != (queue_ids is None):
         raise ValueError("pass both q_ids and queue_ids (to mask copies of the positive), or neither")
+    check_all_finite(("q", q), ("k_pos", k_pos), ("queue_keys", queue_keys))
 
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -78,6 +82,8 @@ def moco_loss(
                     f"ids must be 1-d, one per row: q_ids {tuple(q_ids.shape)} for {q.shape[0]} queries, "
                     f"queue_ids {tuple(queue_ids.shape)} for {queue_keys.shape[0]} queue keys"
                 )
+            q_ids = check_ids("q_ids", q_ids, q.shape[0])
+            queue_ids = check_ids("queue_ids", queue_ids, queue_keys.shape[0])
             l_neg = l_neg.masked_fill(q_ids[:, None] == queue_ids[None, :], float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1) / temperature
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)

@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..checks import check_int, check_tensor
+from ._checks import check_all_finite
 from .info_nce import info_nce
 
 MODES = ("full", "image_anchor", "mean_anchor", "others_anchor")
@@ -37,6 +39,7 @@ MODES = ("full", "image_anchor", "mean_anchor", "others_anchor")
 def n_loss_terms(V: int, mode: str = "full") -> int:
     """Closed-form number of pairwise terms: V(V-1)/2 (full), V-1 (image anchor), V (mean anchors)."""
     _check_mode(mode)
+    V = check_int("V", V)
     if V < 2:
         raise ValueError(f"a multi-view loss needs at least 2 views, got V={V}")
     return {"full": V * (V - 1) // 2, "image_anchor": V - 1, "mean_anchor": V, "others_anchor": V}[mode]
@@ -94,11 +97,19 @@ def multiview_loss(
     """
     if not isinstance(views, (list, tuple)) or len(views) < 2:
         raise ValueError("views must be a list of at least 2 (B, D) tensors, view 0 being the image")
+    for i, v in enumerate(views):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"views[{i}] must be a (B, D) torch.Tensor, got {type(v).__name__}")
+    if not callable(pair_loss):
+        raise TypeError(f"pair_loss must be callable (a, b, **kwargs) -> scalar, got {type(pair_loss).__name__}")
     shapes = {tuple(v.shape) for v in views}
     if len(shapes) != 1 or views[0].dim() != 2:
         raise ValueError(f"every view must be (B, D) with the same B and D, got shapes {[tuple(v.shape) for v in views]}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    for i, v in enumerate(views):
+        check_tensor(f"views[{i}]", v, ndim=2, finite=False)
+    check_all_finite(*((f"views[{i}]", v) for i, v in enumerate(views)))
     V = len(views)
     keys = term_keys(V, mode)
     w = _weights(weights, keys, views[0].device)
@@ -137,10 +148,18 @@ def _weights(weights, keys: list[tuple], device) -> torch.Tensor:
             if k not in index:
                 raise ValueError(f"weight key {k} is not a term of this mode; valid keys: {keys}")
             out[index[k]] = val
+        for k, val in zip(keys, out):
+            if not isinstance(val, torch.Tensor) and (isinstance(val, bool) or not isinstance(val, (int, float))
+                                                      or val != val or abs(val) == float("inf")):
+                raise ValueError(f"weight of term {k} must be a finite number, got {val!r}")
         return torch.stack([torch.as_tensor(x, dtype=torch.float32, device=device) for x in out])
-    w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+    if isinstance(weights, torch.Tensor) and (weights.is_complex() or not weights.dtype.is_floating_point
+                                              and weights.dtype == torch.bool):
+        raise ValueError(f"weights must be real numbers, got a {weights.dtype} tensor")
+    w = weights if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float32, device=device)
     if w.shape != (len(keys),):
         raise ValueError(
             f"weights must have one entry per term, shape ({len(keys)},) in term_keys order {keys}; got {tuple(w.shape)}"
         )
-    return w
+    check_all_finite(("weights", w.float()))
+    return w.to(device)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .info_nce import similarity
+from ..checks import check_real
+from ._checks import check_pair, check_sim
+from .info_nce import _similarity as similarity
 
 
 def triplet_loss(
@@ -42,6 +44,7 @@ def triplet_loss(
         Scalar loss, in float32 for half-precision ``sim``.
     """
     n = _check_square(sim)
+    margin = check_real("margin", margin)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     if reduction not in ("mean", "sum"):
@@ -52,7 +55,8 @@ def triplet_loss(
     pos = sim.diagonal()[:, None]  # (B, 1)
     valid_i, valid_t = neg_i >= 0, neg_t >= 0
     s_neg_i = sim.gather(1, neg_i.clamp(min=0))  # S[i, neg_i[i, j]]
-    s_neg_t = sim.T.gather(1, neg_t.clamp(min=0))  # S[neg_t[i, j], i]
+    s_neg_t = sim.gather(0, neg_t.clamp(min=0).T).T  # S[neg_t[i, j], i]; gathering along dim 0 keeps the
+    # backward's scatter contiguous (sim.T.gather costs a transposed copy of the (B, B) gradient)
     hinge_i = torch.relu(margin - pos + s_neg_i) * valid_i
     hinge_t = torch.relu(margin - pos + s_neg_t) * valid_t
     total = hinge_i.sum() + hinge_t.sum()
@@ -70,25 +74,23 @@ def triplet_loss_embeddings(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """:func:`triplet_loss` on the cosine similarities of (B, D) image and (B, D) caption embeddings."""
-    if img.shape != txt.shape or img.dim() != 2:
+    if isinstance(img, torch.Tensor) and isinstance(txt, torch.Tensor) and (img.shape != txt.shape or img.dim() != 2):
         raise ValueError(
             f"expected paired (B, D) embeddings of the same shape, got {tuple(img.shape)} and {tuple(txt.shape)}"
         )
+    check_pair(img, txt, names=("img", "txt"))
     return triplet_loss(similarity(img, txt), neg_for_images, neg_for_texts, margin, reduction)
 
 
 def _check_square(sim: torch.Tensor) -> int:
-    if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
-        raise ValueError(
-            f"expected a square (B, B) similarity matrix of a paired batch (positive on the diagonal), "
-            f"got shape {tuple(sim.shape)}"
-        )
-    return sim.shape[0]
+    return check_sim(sim)
 
 
 def _check_negatives(neg: torch.Tensor, n: int, name: str, device) -> torch.Tensor:
     """Validate miner output: (n, k) integer indices in [-1, n), never the anchor's own positive."""
     neg = torch.as_tensor(neg, device=device)
+    if neg.is_complex():
+        raise ValueError(f"{name} must hold integer indices (a LongTensor), got dtype {neg.dtype}")
     if neg.dim() == 1:
         neg = neg[:, None]
     if neg.dtype.is_floating_point or neg.dtype == torch.bool:

@@ -9,10 +9,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..checks import check_int
+
 
 def small_cnn(in_channels: int, out_dim: int, width: int = 32) -> nn.Sequential:
     """Three stride-2 conv blocks (width, 2 width, 4 width), global average pool, linear to out_dim.
     (B, in_channels, H, W) -> (B, out_dim) for any H, W."""
+    for name, v in (("in_channels", in_channels), ("out_dim", out_dim), ("width", width)):
+        check_int(name, v, minimum=1)
     def block(i, o):
         return [nn.Conv2d(i, o, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
     return nn.Sequential(
@@ -80,6 +84,12 @@ def colorize_depth(depth: torch.Tensor, cmap: str = "viridis") -> torch.Tensor:
 
 
 def _as_b1hw(depth: torch.Tensor) -> torch.Tensor:
+    if not isinstance(depth, torch.Tensor):
+        raise TypeError(f"depth must be a torch.Tensor (B, H, W) or (B, 1, H, W), got {type(depth).__name__}")
+    if depth.is_complex() or depth.dtype == torch.bool:
+        raise ValueError(f"depth must be real-valued (metres), got {depth.dtype}")
+    if depth.dim() in (3, 4) and depth.numel() == 0:
+        raise ValueError(f"depth is empty (shape {tuple(depth.shape)})")
     if depth.dim() == 3:
         return depth.unsqueeze(1)
     if depth.dim() == 4 and depth.shape[1] == 1:

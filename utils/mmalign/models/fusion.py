@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..losses.info_nce import info_nce
+from ..checks import check_int, check_real
 from .depth import small_cnn
 
 
@@ -35,11 +36,12 @@ class AverageFusion(nn.Module):
 
     def __init__(self, rgb_dim: int, depth_dim: int, out_dim: int):
         super().__init__()
+        _check_dims(rgb_dim, depth_dim, out_dim)
         self.proj_rgb = nn.Linear(rgb_dim, out_dim)
         self.proj_depth = nn.Linear(depth_dim, out_dim)
 
     def forward(self, rgb: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-        _check_batch(rgb, depth)
+        _check_batch(rgb, depth, self.proj_rgb.in_features, self.proj_depth.in_features)
         return 0.5 * (self.proj_rgb(rgb) + self.proj_depth(depth))
 
 
@@ -53,10 +55,12 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, rgb_dim: int, depth_dim: int, out_dim: int):
         super().__init__()
+        _check_dims(rgb_dim, depth_dim, out_dim)
+        self.rgb_dim, self.depth_dim = rgb_dim, depth_dim
         self.proj = nn.Linear(rgb_dim + depth_dim, out_dim)
 
     def forward(self, rgb: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-        _check_batch(rgb, depth)
+        _check_batch(rgb, depth, self.rgb_dim, self.depth_dim)
         return self.proj(torch.cat([rgb, depth], dim=-1))
 
 
@@ -76,6 +80,11 @@ class EarlyFusionEncoder(nn.Module):
         self.net = small_cnn(4, out_dim, width)
 
     def forward(self, rgb: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        for name, t in (("rgb", rgb), ("depth", depth)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"{name} must be a real-valued image tensor, got {t.dtype}")
         depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
         if rgb.dim() != 4 or rgb.shape[1] != 3 or depth.dim() != 4 or depth.shape[1] != 1:
             raise ValueError(f"expected rgb (B, 3, H, W) and depth (B, 1, H, W), got {tuple(rgb.shape)} and {tuple(depth.shape)}")
@@ -108,12 +117,30 @@ def depth_augmented_view_loss(
     Returns:
         The scalar loss.
     """
+    weight = check_real("weight", weight)
     if weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
+    if not callable(pair_loss):
+        raise TypeError(f"pair_loss must be callable (a, b, temperature=...) -> scalar, got {type(pair_loss).__name__}")
     return pair_loss(img, txt, temperature=temperature) + weight * pair_loss(img, depth, temperature=temperature)
 
 
-def _check_batch(rgb: torch.Tensor, depth: torch.Tensor) -> None:
+def _check_dims(rgb_dim, depth_dim, out_dim) -> None:
+    for name, v in (("rgb_dim", rgb_dim), ("depth_dim", depth_dim), ("out_dim", out_dim)):
+        check_int(name, v, minimum=1)
+
+
+def _check_batch(rgb: torch.Tensor, depth: torch.Tensor, rgb_dim: int | None = None,
+                 depth_dim: int | None = None) -> None:
+    for name, t in (("rgb", rgb), ("depth", depth)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} features must be a torch.Tensor, got {type(t).__name__}")
     if rgb.dim() != 2 or depth.dim() != 2 or rgb.shape[0] != depth.shape[0]:
         raise ValueError(f"expected (B, rgb_dim) and (B, depth_dim) features with the same B, "
                          f"got {tuple(rgb.shape)} and {tuple(depth.shape)}")
+    for name, t, want in (("rgb", rgb, rgb_dim), ("depth", depth, depth_dim)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} features must be floating point, got {t.dtype}; use .float()")
+        if want is not None and t.shape[1] != want:
+            raise ValueError(f"{name} features have width {t.shape[1]} but the fusion was built with "
+                             f"{name}_dim={want} (shape {tuple(t.shape)})")

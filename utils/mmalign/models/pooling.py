@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..checks import check_int, check_probability, check_tensor
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""Mean over the real tokens.
@@ -25,12 +27,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
         mask: (B, L) bool, True for real tokens; None means all tokens are real.
 
     Returns:
-        (B, D); a row with no real token gives zeros. Padded values never enter (even inf/NaN).
+        (B, D); a row with no real token (or an empty sequence, L = 0) gives zeros. Padded values
+        never enter (even inf/NaN).
     """
-    if x.dim() != 3:
+    if isinstance(x, torch.Tensor) and x.dim() != 3:
         raise ValueError(f"expected (B, L, D) token features, got shape {tuple(x.shape)}")
+    check_tensor("x", x, ndim=3, finite=False, nonempty=False)
     if mask is None:
-        return x.mean(1)
+        return x.mean(1) if x.shape[1] else x.new_zeros(x.shape[0], x.shape[2])
     _check_mask(x, mask)
     x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
@@ -56,6 +60,8 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int, heads: int = 4, use_cls: bool = False, dropout: float = 0.0):
         super().__init__()
+        check_int("dim", dim, minimum=1), check_int("heads", heads, minimum=1)
+        check_probability("dropout", dropout, open_high=True)
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
@@ -63,7 +69,7 @@ class AttentionPool(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if use_cls else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, mask = _prepare(x, mask, self.cls)
+        x, mask = _prepare(x, mask, self.cls, self.attn.embed_dim)
         h, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)
         return h[:, 0] if self.use_cls else masked_mean(h, mask)
 
@@ -89,6 +95,11 @@ class TransformerPool(nn.Module):
     def __init__(self, dim: int, heads: int = 4, layers: int = 1, ff_dim: int | None = None,
                  dropout: float = 0.0, use_cls: bool = False):
         super().__init__()
+        check_int("dim", dim, minimum=1), check_int("heads", heads, minimum=1), check_int("layers", layers, minimum=1)
+        if ff_dim is not None:
+            check_int("ff_dim", ff_dim, minimum=1)
+        check_probability("dropout", dropout, open_high=True)
+        self.dim = dim
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
         block = nn.TransformerEncoderLayer(dim, heads, ff_dim or 4 * dim, dropout, batch_first=True)
@@ -97,24 +108,31 @@ class TransformerPool(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if use_cls else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, mask = _prepare(x, mask, self.cls)
+        x, mask = _prepare(x, mask, self.cls, self.dim)
         h = self.encoder(x, src_key_padding_mask=~mask)
         return h[:, 0] if self.use_cls else masked_mean(h, mask)
 
 
 def _check_mask(x: torch.Tensor, mask: torch.Tensor) -> None:
-    if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+        got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__)
         raise ValueError(
             f"mask must be a bool tensor of shape (B, L) = {tuple(x.shape[:2])} with True for real tokens, "
-            f"got {mask.dtype} {tuple(mask.shape)}"
+            f"got {got}"
         )
 
 
-def _prepare(x: torch.Tensor, mask: torch.Tensor | None, cls: torch.Tensor | None):
+def _prepare(x: torch.Tensor, mask: torch.Tensor | None, cls: torch.Tensor | None, dim: int | None = None):
     """Check shapes, zero the padded positions (so inf/NaN padding cannot leak through 0-weight
     attention), default the mask, and prepend the CLS token (always a real token)."""
-    if x.dim() != 3:
+    if isinstance(x, torch.Tensor) and x.dim() != 3:
         raise ValueError(f"expected (B, L, D) token features, got shape {tuple(x.shape)}")
+    check_tensor("x", x, ndim=3, finite=False, nonempty=False)
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"x has {x.shape[-1]} features per token but this pooling was built with dim={dim}; "
+                         f"project the tokens to {dim} first (x shape {tuple(x.shape)})")
+    if x.shape[0] == 0:
+        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)})")
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     _check_mask(x, mask)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import checks
+from ..checks import check_int, check_mask, check_probability
 from .pooling import AttentionPool, TransformerPool, masked_mean
 
 PAD, UNK, CLS = "<pad>", "<unk>", "<cls>"
@@ -74,6 +76,12 @@ class CharTokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
+        texts = list(texts)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"texts must be strings, got a {type(bad).__name__} ({bad!r:.60})")
+        if max_len is not None:
+            check_int("max_len", max_len)
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         prefix = [self.cls_id] if self.add_cls else []
@@ -105,9 +113,15 @@ class CharTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}; write one with CharTokenizer.save(path)")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != "mmalign.CharTokenizer/1":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a CharTokenizer JSON file (not valid JSON: {err}); it is truncated or "
+                             "damaged: write it again with CharTokenizer.save(path)") from None
+        if not isinstance(data, dict) or data.get("format") != "mmalign.CharTokenizer/1":
             raise ValueError(f"{path} is not a CharTokenizer JSON file (missing format 'mmalign.CharTokenizer/1')")
+        if not isinstance(data.get("chars"), list) or not isinstance(data.get("add_cls"), bool):
+            raise ValueError(f"{path} is not a CharTokenizer JSON file: it needs a 'chars' list and an 'add_cls' flag")
         return cls(data["chars"], add_cls=data["add_cls"])
 
 
@@ -143,6 +157,10 @@ class TextEncoder(nn.Module):
         super().__init__()
         if pooling not in self.POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {self.POOLINGS}")
+        check_int("vocab_size", vocab_size, minimum=2), check_int("dim", dim, minimum=1)
+        check_int("layers", layers, minimum=1), check_int("heads", heads, minimum=1)
+        check_int("max_len", max_len, minimum=1), check_int("kernel_size", kernel_size, minimum=1)
+        check_probability("dropout", dropout, open_high=True)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd to keep the sequence length, got {kernel_size}")
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
@@ -159,13 +177,20 @@ class TextEncoder(nn.Module):
             self.pool = None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a (B, L) LongTensor from the tokenizer, got {type(ids).__name__}")
         if ids.dim() != 2:
             raise ValueError(f"expected (B, L) token ids, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be integer token ids (a LongTensor), got {ids.dtype}")
         B, L = ids.shape
+        if checks.enabled() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.embed.num_embeddings):
+            raise ValueError(f"token ids must be in 0..{self.embed.num_embeddings - 1} (vocab_size), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]; encode with the tokenizer this model was built for")
         if L > self.pos.shape[0]:
             raise ValueError(f"sequence length {L} > max_len={self.pos.shape[0]}; encode with max_len or build "
                              f"TextEncoder(max_len={L})")
-        mask = ids != 0 if mask is None else mask
+        mask = ids != 0 if mask is None else check_mask("mask", mask, (B, L), device=ids.device)
         keep = mask.unsqueeze(-1)
         h = self.drop(self.embed(ids) + self.pos[:L])
         for norm, conv in zip(self.norms, self.convs):

@@ -1,0 +1,112 @@
+"""Cost of mmalign's input checks on chapter 2's training loop (the loss zoo).
+
+Times ``mmalign.train.fit`` steps of the chapter's dual encoder (CI-profile shapes: 1280-d image and
+384-d caption features, 3 captions per scene, batch 128, embed 128, Adam) for every loss of the zoo,
+with the checks on (the default) and inside ``mmalign.checks.disabled()`` (finiteness scans off;
+the structural checks run in both). Two estimates:
+
+* ``step on/off``: the median step of whole fit runs, alternating on/off (noisy when other
+  processes share the machine);
+* ``scan``: the median loss call (forward + backward of one batch, the only code that differs) with
+  checks on minus off, alternating call by call so both see the same load; divided by the median
+  step it is the share of a training step the scans take.
+
+Random features stand in for the cached ones (same shapes, same step cost).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/check_overhead.py [--repeats 7] [--scenes 1200]
+
+Budget (issue 11): the checks cost < 2 % of a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mmalign import checks
+from mmalign.config import load_config
+from mmalign.experiments.loss_zoo import zoo_losses
+from mmalign.models.heads import DualEncoder, ProjectionHead
+from mmalign.train import fit
+
+
+def step_times(pair_loss, img, txt, ids, cfg, epochs: int) -> list[float]:
+    """Seconds of every training step of one fit run (fresh heads, fixed seed), from after_step stamps."""
+    torch.manual_seed(0)
+    model = DualEncoder(ProjectionHead.from_features(img, cfg.embed_dim), ProjectionHead.from_features(txt, cfg.embed_dim))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    stamps = [time.perf_counter()]
+
+    def step(m, batch):
+        zi_in, zt_in, b_ids = batch
+        zi, zt = m(zi_in, zt_in)
+        return pair_loss(zi, zt, b_ids)
+
+    fit(model, step, (img, txt, ids), optimizer=opt, epochs=epochs, batch_size=cfg.batch_size, seed=0,
+        device="cpu", amp=False, progress=False, after_step=lambda *_: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps[1:-1], stamps[2:])]  # the first step includes the set-up
+
+
+def loss_call_times(pair_loss, img, txt, ids, cfg, calls: int) -> tuple[list[float], list[float]]:
+    """Seconds of single loss calls (forward + backward of one batch), alternating checks on / off
+    call by call, so that both sides see the same machine load."""
+    g = torch.Generator().manual_seed(1)
+    w_i, w_t = torch.randn(img.shape[1], cfg.embed_dim, generator=g), torch.randn(txt.shape[1], cfg.embed_dim, generator=g)
+    b_ids = ids[: cfg.batch_size]
+    on, off = [], []
+    for i in range(calls):
+        zi = (img[: cfg.batch_size] @ w_i).requires_grad_()
+        zt = (txt[: cfg.batch_size] @ w_t).requires_grad_()
+        flag = i % 2 == 0
+        checks.set_enabled(flag)
+        start = time.perf_counter()
+        pair_loss(zi, zt, b_ids).backward()
+        (on if flag else off).append(time.perf_counter() - start)
+    checks.set_enabled(None)
+    return on, off
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scenes", type=int, default=1200)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=2000, help="loss calls timed per loss (half on, half off)")
+    args = parser.parse_args()
+    cfg = load_config("ci")
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    n_scenes, k = args.scenes, 3
+    scene_img = torch.randn(n_scenes, 1280, generator=g)
+    ids = torch.arange(n_scenes).repeat_interleave(k)
+    img = scene_img[ids]
+    txt = torch.randn(n_scenes * k, 384, generator=g)
+    steps = (n_scenes * k // cfg.batch_size) * args.epochs
+    losses = zoo_losses(cfg, steps)
+    print(f"{len(losses)} losses, {steps} steps per run, {args.repeats} repeats, torch threads {torch.get_num_threads()}")
+    print(f"{'loss':<14}{'step on':>10}{'step off':>10}{'loss call':>11}{'scan':>9}{'scan/step':>11}")
+    worst = 0.0
+    for name, make in losses.items():
+        on, off = [], []
+        for r in range(args.repeats):
+            for flag in ((True, False) if r % 2 == 0 else (False, True)):
+                checks.set_enabled(flag)
+                (on if flag else off).extend(step_times(make(), img, txt, ids, cfg, args.epochs))
+                checks.set_enabled(None)
+        c_on, c_off = loss_call_times(make(), img, txt, ids, cfg, args.calls)
+        step_on, step_off = statistics.median(on), statistics.median(off)
+        scan = max(0.0, statistics.median(c_on) - statistics.median(c_off))
+        share = scan / step_off
+        worst = max(worst, share)
+        print(f"{name:<14}{1e3 * step_on:>8.3f}ms{1e3 * step_off:>8.3f}ms{1e3 * statistics.median(c_off):>9.3f}ms"
+              f"{1e6 * scan:>7.1f}us{100 * share:>10.2f}%")
+    print(f"worst share of a training step spent in the finiteness scans: {100 * worst:.2f}% (budget 2%)")
+    print("step on/off: median step of whole fit runs (noisy on a shared machine); scan: median loss call "
+          "with checks on minus off, interleaved call by call")
+
+
+if __name__ == "__main__":
+    main()
