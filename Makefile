@@ -49,6 +49,7 @@ test: install
 # BOOK_CONFIG: another _config.yml (CI uses one that executes only some chapters; see .ci/run).
 BOOK_CONFIG ?= book/_config.yml
 book: data
+	$(BIN)/python book/fetch_widget_manager.py
 	MMALIGN_PROFILE=$(PROFILE) $(BIN)/jupyter-book build book --config $(BOOK_CONFIG) -W --keep-going
 	$(BIN)/python book/check_site.py $(BOOK_CONFIG)
 

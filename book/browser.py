@@ -70,12 +70,14 @@ function report(win) {
     images: images,
     resources: resources,
     widget_notes: doc.querySelectorAll(".offline-widget-note").length,
+    widgets_rendered: doc.querySelectorAll(".jupyter-widgets.widget-vbox, .jupyter-widgets.widget-hbox, .widget-subarea").length,
+    widget_controls: doc.querySelectorAll(".jupyter-widgets button, .jupyter-widgets input").length,
     widget_views: doc.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
   });
 }
 frame.onload = () => {
   const win = frame.contentWindow;
-  const done = () => setTimeout(() => report(win), 200);
+  const done = () => setTimeout(() => report(win), 1500);  // also lets the widget manager draw the views
   if (win.MathJax && win.MathJax.startup && win.MathJax.startup.promise) {
     win.MathJax.startup.promise.then(() => (win.MathJax.typesetPromise ? win.MathJax.typesetPromise() : null)).then(done, done);
   } else { setTimeout(() => report(win), 3000); }
@@ -242,8 +244,8 @@ def page_problems(page: str, report: dict) -> list[str]:
         problems.append(f"{page}: no typeset formula (mjx-container) although the page has math")
     problems += [f"{page}: raw TeX left in the page: ...{snippet}..." for snippet in report["raw_tex"]]
     problems += [f"{page}: image did not load: {img['src']}" for img in report["images"] if not img["ok"]]
-    if report["widget_views"] and report["widget_notes"] < report["widget_views"]:
-        problems.append(f"{page}: a widget view has no offline note")
+    if report["widget_views"] and not report.get("widget_controls") and report["widget_notes"] < report["widget_views"]:
+        problems.append(f"{page}: a widget view neither rendered (no controls) nor has an offline note")
     return problems
 
 
