@@ -86,3 +86,34 @@ def positive_mask(labels_a, labels_b, n_a: int, n_b: int, device) -> torch.Tenso
     la = check_ids("labels_a (item ids)", la, n_a)
     lb = check_ids("labels_b (item ids)", lb, n_b)
     return la[:, None] == lb[None, :]
+
+
+def mined_negative_masks(negatives, n_a: int, n_b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of the negatives a miner chose, for any loss: ``(keep_ab (n_a, n_b), keep_ba (n_b, n_a))``.
+
+    ``negatives`` is what every miner of :mod:`mmalign.miners` returns: ``(neg_for_a, neg_for_b)``,
+    LongTensors (n_a, k) of column indices for each row anchor and (n_b, k') of row indices for each
+    column anchor; -1 marks "no valid negative" and is ignored. ``keep_ab[i, j]`` is True when the
+    miner chose column j as a negative of row i (the a -> b direction), ``keep_ba[j, i]`` when it chose
+    row i for column j (b -> a).
+    """
+    if not isinstance(negatives, (tuple, list)) or len(negatives) != 2:
+        raise ValueError("negatives must be a miner's output, a pair (neg_for_a, neg_for_b) of index tensors, got "
+                         f"{type(negatives).__name__}")
+    masks = []
+    for name, neg, n_anchor, n_other in (("negatives[0] (for rows)", negatives[0], n_a, n_b),
+                                         ("negatives[1] (for columns)", negatives[1], n_b, n_a)):
+        if not isinstance(neg, torch.Tensor):
+            raise TypeError(f"{name} must be a LongTensor of indices, got {type(neg).__name__}")
+        if neg.dtype.is_floating_point or neg.dtype.is_complex or neg.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer indices, got {neg.dtype}")
+        if neg.dim() != 2 or neg.shape[0] != n_anchor:
+            raise ValueError(f"{name} must be ({n_anchor}, k): one row of indices per anchor, got shape {tuple(neg.shape)}")
+        if neg.numel() and (int(neg.min()) < -1 or int(neg.max()) >= n_other):
+            raise ValueError(f"{name} holds indices outside [-1, {n_other - 1}] (-1 = no negative); was it mined on "
+                             "this batch?")
+        neg = neg.to(device).long()
+        mask = torch.zeros(n_anchor, n_other + 1, dtype=torch.bool, device=device)
+        mask.scatter_(1, torch.where(neg < 0, n_other, neg), True)  # -1 goes to a spare column, dropped below
+        masks.append(mask[:, :n_other])
+    return masks[0], masks[1]

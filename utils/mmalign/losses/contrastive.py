@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_positive, check_real
-from ._checks import check_sim, positive_mask
+from ._checks import check_sim, mined_negative_masks, positive_mask
 
 
 def contrastive_loss(
@@ -14,6 +14,7 @@ def contrastive_loss(
     item_ids: torch.Tensor | None = None,
     margin: float = 1.0,
     eps: float = 1e-8,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Contrastive loss: pull positive pairs together, push negative pairs beyond a distance margin.
 
@@ -37,6 +38,9 @@ def contrastive_loss(
         margin: m in (0, 2]: negatives closer than m (in Euclidean distance between unit vectors)
             are pushed away. Two random directions in high dimension are about sqrt(2) apart.
         eps: floor under :math:`d^2` before the square root (keeps the gradient finite at d = 0).
+        negatives: optional output of a miner, ``(neg_for_images (B, k), neg_for_texts (B, k'))``
+            (-1 = none): the negative term then averages over the mined pairs only (a pair counts
+            once when either direction chose it), instead of over every negative pair.
 
     Returns:
         Scalar loss (float32 for half-precision ``sim``).
@@ -58,6 +62,9 @@ def contrastive_loss(
     n = sim.shape[0]
     pos = positive_mask(item_ids, item_ids, n, n, sim.device)
     neg = ~pos
+    if negatives is not None:
+        keep_ab, keep_ba = mined_negative_masks(negatives, n, n, sim.device)
+        neg = neg & (keep_ab | keep_ba.T)
     d2 = (2 - 2 * sim).clamp(min=0)
     d = d2.clamp(min=eps).sqrt()
     pull = (d2 * pos).sum() / pos.sum()

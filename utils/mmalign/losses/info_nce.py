@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_pair, check_temperature, positive_mask
+from ._checks import check_pair, check_temperature, mined_negative_masks, positive_mask
 
 
 def info_nce(
@@ -16,6 +16,7 @@ def info_nce(
     labels_a: torch.Tensor | None = None,
     labels_b: torch.Tensor | None = None,
     normalize: bool = True,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Symmetric InfoNCE between two batches of embeddings.
 
@@ -33,6 +34,9 @@ def info_nce(
         labels_a, labels_b: optional (N,) and (M,) item ids; pairs with equal ids are positives.
             Without them, N must equal M and the positives are the diagonal.
         normalize: L2-normalise a and b first (cosine similarity).
+        negatives: optional output of a miner (:mod:`mmalign.miners`), ``(neg_for_a (N, k), neg_for_b
+            (M, k'))`` with -1 for "none": each row's softmax then runs over its positives and the
+            negatives the miner chose for it only (hard-negative InfoNCE), instead of the whole batch.
 
     Returns:
         The scalar loss (float32 even when the inputs are half precision).
@@ -40,6 +44,12 @@ def info_nce(
     check_pair(a, b, same_length=labels_a is None and labels_b is None)
     check_temperature(temperature)
     logits = _similarity(a, b, normalize) / temperature
+    if negatives is not None:
+        pos = positive_mask(labels_a, labels_b, a.shape[0], b.shape[0], a.device)
+        keep_ab, keep_ba = mined_negative_masks(negatives, a.shape[0], b.shape[0], a.device)
+        logits_ab = logits.masked_fill(~(pos | keep_ab), float("-inf"))
+        logits_ba = logits.T.masked_fill(~(pos.T | keep_ba), float("-inf"))
+        return 0.5 * (_multi_positive_ce(logits_ab, pos) + _multi_positive_ce(logits_ba, pos.T))
     if labels_a is None and labels_b is None:
         target = torch.arange(a.shape[0], device=a.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -74,4 +84,4 @@ def _multi_positive_ce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     if bool((n_pos == 0).any()):
         raise ValueError("every row needs at least one positive: some item id of one side has no match on the other")
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return (-(log_prob * pos).sum(1) / n_pos).mean()
+    return (-log_prob.masked_fill(~pos, 0).sum(1) / n_pos).mean()  # masked_fill: -inf * 0 would be NaN

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_int, check_real
-from ._checks import check_all_finite, check_pair, check_temperature, positive_mask
+from ._checks import check_all_finite, check_pair, check_temperature, mined_negative_masks, positive_mask
 from .info_nce import _similarity as similarity
 
 
@@ -20,6 +20,7 @@ def mms_loss(
     temperature: float = 0.07,
     item_ids: torch.Tensor | None = None,
     normalize: bool = True,
+    negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Symmetric Masked Margin Softmax over a paired batch (positive of row i is column i).
 
@@ -46,6 +47,8 @@ def mms_loss(
         item_ids: optional (B,) item ids; other rows of the same item are masked out (the set Z),
             neither positive nor negative.
         normalize: L2-normalise a and b first (cosine similarity).
+        negatives: optional output of a miner, ``(neg_for_a (B, k), neg_for_b (B, k'))`` (-1 = none):
+            each anchor's denominator then holds its positive and the negatives mined for it only.
 
     Returns:
         Scalar loss (float32 for half-precision inputs).
@@ -58,8 +61,12 @@ def mms_loss(
     eye = torch.eye(n, dtype=torch.bool, device=sim.device)
     masked = torch.zeros_like(eye) if item_ids is None else positive_mask(item_ids, item_ids, n, n, sim.device) & ~eye
     target = torch.arange(n, device=sim.device)
-    logits_ab = ((sim - torch.diag(m_ab)) / temperature).masked_fill(masked, float("-inf"))
-    logits_ba = ((sim.T - torch.diag(m_ba)) / temperature).masked_fill(masked.T, float("-inf"))
+    masked_ab, masked_ba = masked, masked.T
+    if negatives is not None:  # everything that is neither the positive nor a mined negative leaves the softmax
+        keep_ab, keep_ba = mined_negative_masks(negatives, n, n, sim.device)
+        masked_ab, masked_ba = masked_ab | ~(keep_ab | eye), masked_ba | ~(keep_ba | eye)
+    logits_ab = ((sim - torch.diag(m_ab)) / temperature).masked_fill(masked_ab, float("-inf"))
+    logits_ba = ((sim.T - torch.diag(m_ba)) / temperature).masked_fill(masked_ba, float("-inf"))
     return 0.5 * (F.cross_entropy(logits_ab, target) + F.cross_entropy(logits_ba, target))
 
 
