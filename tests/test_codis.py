@@ -1,0 +1,261 @@
+"""CODIS losses and model (mmalign.losses.codis, mmalign.models.codis) against hand computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmalign.losses import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
+                            sample_hard_negatives)
+from mmalign.models.codis import Codis, CodisConfig
+from mmalign.ot import ipot
+
+
+def naive_distill(q, kb, ids, queue, qids, tau, alpha, qt):
+    """Loop over queries: the ALBEF target mixture and the cross-entropy, float64."""
+    q, kb, queue, qt = (F.normalize(x.double(), dim=-1) for x in (q, kb, queue, qt))
+    keys = torch.cat([kb, queue])
+    key_ids = torch.cat([ids, qids])
+    total = 0.0
+    for n in range(len(q)):
+        cols = [j for j in range(len(keys)) if j < len(ids) or key_ids[j] != ids[n]]
+        s = torch.stack([q[n] @ keys[j] for j in cols]) / tau
+        st = torch.stack([qt[n] @ keys[j] for j in cols]) / tau
+        hard = torch.tensor([1.0 if (j < len(ids) and key_ids[j] == ids[n]) else 0.0 for j in cols], dtype=torch.float64)
+        hard = hard / hard.sum()
+        y = (1 - alpha) * hard + alpha * torch.softmax(st, 0)
+        total += -(y * torch.log_softmax(s, 0)).sum()
+    return total / len(q)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_distill_contrastive_matches_loop(alpha):
+    g = torch.Generator().manual_seed(0)
+    q, kb, qt = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    queue = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 1, 2, 3])
+    qids = torch.tensor([1, 5, 6, 0, 7, 8])  # entries 0 and 3 are copies of batch items: left out for them
+    got = distill_contrastive_loss(q, kb, ids, queue, qids, 0.1, alpha, qt)
+    want = naive_distill(q, kb, ids, queue, qids, 0.1, alpha, qt)
+    assert float(got) == pytest.approx(float(want), rel=1e-10)
+
+
+def test_alpha_zero_is_hard_label_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    q, kb = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    ids = torch.arange(4)
+    logits = F.normalize(q, dim=-1) @ F.normalize(kb, dim=-1).T / 0.07
+    want = F.cross_entropy(logits, ids)
+    assert float(distill_contrastive_loss(q, kb, ids, temperature=0.07)) == pytest.approx(float(want), rel=1e-12)
+    # alpha = 0 ignores the teacher entirely
+    other = distill_contrastive_loss(q, kb, ids, temperature=0.07, alpha=0.0, q_teacher=torch.randn(4, 3, dtype=torch.float64))
+    assert float(other) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_queue_copies_of_the_positive_are_excluded():
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    kb = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    ids = torch.tensor([3])
+    # a queue holding only a copy of the same item: it must not be a negative -> loss = 0 (one valid key)
+    loss = distill_contrastive_loss(q, kb, ids, kb.clone(), torch.tensor([3]), 0.1)
+    assert float(loss) == pytest.approx(0.0, abs=1e-12)
+    # the same queue entry with another id is a negative: loss = log 2 (equal scores)
+    loss = distill_contrastive_loss(q, kb, ids, kb.clone(), torch.tensor([4]), 0.1)
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-12)
+
+
+def test_distill_low_temperature_finite_and_bad_input():
+    q = torch.randn(3, 4)
+    loss = distill_contrastive_loss(q, q * 2, torch.arange(3), torch.randn(5, 4), torch.arange(10, 15), 1e-3)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="alpha > 0 needs q_teacher"):
+        distill_contrastive_loss(q, q, torch.arange(3), alpha=0.5)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        distill_contrastive_loss(q, q, torch.arange(3), alpha=1.5)
+    with pytest.raises(ValueError, match="different widths"):
+        distill_contrastive_loss(q, q, torch.arange(3), torch.randn(2, 5), torch.arange(2))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 16])
+def test_hard_negatives_never_positive(batch):
+    g = torch.Generator().manual_seed(batch)
+    for trial in range(20):
+        sim = torch.randn(batch, batch, generator=g) * 5
+        ids = torch.randint(0, max(1, batch // 2), (batch,), generator=g)
+        neg = sample_hard_negatives(sim, ids, ids, generator=g)
+        for i in range(batch):
+            has = bool((ids != ids[i]).any())
+            if has:
+                assert neg[i] >= 0 and ids[neg[i]] != ids[i]
+            else:
+                assert neg[i] == -1
+    assert sample_hard_negatives(torch.zeros(1, 1)).tolist() == [-1]
+    assert sample_hard_negatives(torch.zeros(2, 2)).tolist() == [1, 0]
+
+
+def test_hard_negatives_follow_softmax():
+    sim = torch.tensor([[0.0, math.log(3.0), 0.0]])  # col 0 is the positive; cols 1, 2 with odds 3 : 1
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim, torch.tensor([0]), torch.tensor([0, 1, 2]), generator=g)
+                         for _ in range(4000)])
+    assert (draws != 0).all()
+    assert float((draws == 1).float().mean()) == pytest.approx(0.75, abs=0.03)
+
+
+def test_prototype_loss_hand_computed():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    gamma = 0.5
+    # row 0: logits (2, 0, -2); row 1: (0, 2, 0)
+    lse0 = math.log(math.exp(2) + 1 + math.exp(-2))
+    lse1 = math.log(1 + math.exp(2) + 1)
+    want = 0.5 * ((lse0 - 2) + 0.5 * (lse1 - 0) + 0.5 * (lse1 - 2))
+    assert float(prototype_loss(z, c, t, gamma)) == pytest.approx(want, rel=1e-12)
+
+
+def test_codebook_loss_no_gradient_to_targets():
+    g = torch.Generator().manual_seed(2)
+    z_teacher = torch.randn(8, 4, generator=g, requires_grad=True)
+    z = torch.randn(8, 4, generator=g, requires_grad=True)
+    c = torch.randn(5, 4, generator=g, requires_grad=True)
+    t = codebook_targets(z_teacher, c)
+    assert not t.requires_grad and t.grad_fn is None
+    assert torch.allclose(t.sum(1), torch.ones(8), atol=1e-6)
+    t_conv = codebook_targets(z_teacher, c, n_iters=2000)  # converged: the columns hold too (equipartition)
+    assert torch.allclose(t_conv.sum(0), torch.full((5,), 8 / 5), atol=1e-3)
+    loss = prototype_loss(z, c, t) + ot_cost_loss(z_teacher.detach(), c, t / 8)
+    loss.backward()
+    assert z_teacher.grad is None and z.grad is not None and c.grad is not None
+    # the targets are the IPOT plan of the cosine cost, times N
+    cos = 1 - F.normalize(z_teacher.detach(), dim=-1) @ F.normalize(c.detach(), dim=-1).T
+    plan = ipot(cos, 0.1, n_iters=20).plan
+    assert torch.allclose(t, plan / plan.sum(1, keepdim=True), atol=1e-6)
+
+
+def test_ot_cost_loss_is_plan_weighted_cost():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    c = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    plan = torch.tensor([[0.5, 0.0], [0.25, 0.25]], dtype=torch.float64)
+    # costs 1 - cos: [[0, 2], [1, 1]]
+    assert float(ot_cost_loss(z, c, plan)) == pytest.approx(0.5 * 0 + 0.25 * 1 + 0.25 * 1)
+
+
+def test_codebook_bad_width():
+    with pytest.raises(ValueError, match="prototypes have width 3 but features have width 4"):
+        codebook_targets(torch.randn(4, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="prototypes have width"):
+        prototype_loss(torch.randn(4, 4), torch.randn(5, 3), torch.full((4, 5), 0.2))
+
+
+def tiny(**kw):
+    base = dict(image_dim=12, text_dim=10, width=16, heads=2, embed_dim=8, max_patches=4, max_tokens=6,
+                queue_size=8, momentum=0.9, vocab_size=5, n_codewords=4, intra=True, codebook=True)
+    base.update(kw)
+    return CodisConfig(**base)
+
+
+def batch(b, g):
+    patches = torch.randn(b, 4, 12, generator=g)
+    tokens = torch.randn(b, 6, 10, generator=g)
+    mask = torch.ones(b, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    labels = torch.randint(0, 5, (b, 6), generator=g).masked_fill(~mask, -100)
+    return patches, tokens, mask, torch.arange(b), labels
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+def test_model_step_teacher_and_queues(b):
+    g = torch.Generator().manual_seed(b)
+    torch.manual_seed(0)
+    model = Codis(tiny(mask_prob=0.9))
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in model.towers.state_dict().items()}
+    out = model.losses(*batch(b, g), generator=g)
+    assert set(out) >= {"itc", "intra", "itm", "mlm", "code", "total"}
+    assert torch.isfinite(out["total"])
+    out["total"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters()), "the teacher received gradients"
+    assert model.codebook.grad is not None
+    opt.step()
+    model.after_step()
+    # EMA: teacher = m * old_teacher + (1 - m) * new_student
+    new_student = model.towers.state_dict()
+    for k, v in model.teacher.module.state_dict().items():
+        want = 0.9 * before["module." + k] + 0.1 * new_student[k]
+        assert torch.allclose(v, want, atol=1e-6), k
+    assert any(not torch.equal(student_before[k], new_student[k]) for k in new_student)
+    assert len(model.queue_image) == b and len(model.queue_text) == b
+
+
+def test_switches_select_terms_and_queue_smaller_than_batch():
+    g = torch.Generator().manual_seed(0)
+    model = Codis(tiny(intra=False, codebook=False, itm=False, mlm=False))
+    assert set(model.losses(*batch(3, g))) == {"itc", "total"}
+    with pytest.raises(ValueError, match="queue_size >= batch_size"):
+        Codis(tiny(queue_size=2)).losses(*batch(3, g))
+    with pytest.raises(ValueError, match="nothing aligns"):
+        tiny(cross=False, intra=False, codebook=False)
+    with pytest.raises(ValueError, match="code_source must be one of"):
+        tiny(code_source="both")
+    with pytest.raises(ValueError, match="vocab_size >= 2"):
+        tiny(vocab_size=0)
+
+
+def test_student_code_source_uses_student_features():
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    a = Codis(tiny(code_source="teacher", itm=False, mlm=False))
+    torch.manual_seed(0)
+    s = Codis(tiny(code_source="student", itm=False, mlm=False))
+    data = batch(4, g)
+    # at construction teacher == student, so both sources give the same loss
+    assert float(a.losses(*data)["code"]) == pytest.approx(float(s.losses(*data)["code"]), rel=1e-5)
+    with torch.no_grad():  # move the student only: now they differ
+        for p in s.towers.parameters():
+            p.add_(0.1)
+        for p in a.towers.parameters():
+            p.add_(0.1)
+    assert float(a.losses(*data)["code"]) != pytest.approx(float(s.losses(*data)["code"]), rel=1e-4)
+
+
+def test_noisy_pairing():
+    from mmalign.experiments.codis import noisy_pairing
+
+    ids = torch.arange(50).repeat_interleave(3)
+    pair = noisy_pairing(ids, 50, 0.3, seed=0)
+    wrong = pair != ids
+    assert int(wrong.sum()) == 45, "30% of 150 captions get another image"
+    assert ((pair >= 0) & (pair < 50)).all()
+    assert torch.equal(noisy_pairing(ids, 50, 0.0), ids)
+    assert torch.equal(noisy_pairing(ids, 50, 0.3, seed=0), pair), "seeded"
+    with pytest.raises(ValueError, match="fraction must be in"):
+        noisy_pairing(ids, 50, 1.5)
+
+
+def _synthetic_split(n_images=12, k=2, seed=0):
+    from mmalign.experiments.codis import CodisData
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(n_images).repeat_interleave(k)
+    patches = torch.randn(n_images, 4, 12, generator=g)
+    tokens = patches[ids, :, :10].repeat(1, 2, 1)[:, :6] + 0.1 * torch.randn(len(ids), 6, 10, generator=g)
+    mask = torch.ones(len(ids), 6, dtype=torch.bool)
+    labels = torch.randint(0, 5, (len(ids), 6), generator=g)
+    return CodisData(patches, tokens, mask, ids, labels, ["x"] * len(ids), [["w"] * 6] * len(ids))
+
+
+def test_train_codis_is_seeded_and_evaluates():
+    from mmalign.experiments.codis import evaluate, train_codis
+
+    data = _synthetic_split()
+    cfg = tiny(queue_size=16)
+    runs = []
+    for _ in range(2):
+        model, history = train_codis(data, cfg, epochs=2, batch_size=8, lr=1e-2, seed=3, noise=0.25, progress=False)
+        runs.append(evaluate(model, data))
+    assert runs[0] == runs[1], "two runs with the same seed must give the same numbers"
+    assert set(runs[0]) >= {"i2t_R@1", "t2i_R@10", "rsum"}
+    assert len(history.step) == 2 * (24 // 8)

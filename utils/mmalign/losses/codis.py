@@ -1,0 +1,208 @@
+r"""The losses of CODIS (Duan et al., 2022), built on ALBEF (Li et al., 2021) and MoCo (He et al., 2020).
+
+* :func:`distill_contrastive_loss`: one direction of the queued contrastive loss (ITC i2t / t2i, or the
+  intra-modal i2i / t2t) with momentum-distillation soft targets of weight alpha;
+* :func:`sample_hard_negatives`: ALBEF's ITM negatives, one per anchor, drawn from the softmax of the
+  contrastive similarities, never a positive, robust at batch size 1 and 2;
+* :func:`codebook_targets`, :func:`prototype_loss`, :func:`ot_cost_loss`: the codebook terms
+  :math:`\mathcal{L}_{t2p}, \mathcal{L}_{i2p}, \mathcal{L}_{ot}` of the seed's :math:`\mathcal{L}_{code}`.
+
+Each is a function of embeddings and a temperature (no hidden state); logits are float32 even under
+autocast (float64 stays float64), and reductions go through ``log_softmax`` / ``logsumexp``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import (check_choice, check_embeddings, check_ids, check_int, check_positive, check_probability,
+                      check_same_width, check_tensor)
+from ..ot import cost_matrix, ipot, sinkhorn
+
+__all__ = ["distill_contrastive_loss", "sample_hard_negatives", "codebook_targets", "prototype_loss",
+           "ot_cost_loss"]
+
+
+def _float(*xs):
+    dtype = torch.promote_types(xs[0].dtype, torch.float32)
+    return [x.to(dtype) for x in xs]
+
+
+def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, ids, queue: torch.Tensor | None = None,
+                             queue_ids=None, temperature: float = 0.07, alpha: float = 0.0,
+                             q_teacher: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Queued contrastive loss with momentum-distillation soft targets (ALBEF, Eq. 2 and Sec. 3.3).
+
+    The keys are the momentum (teacher) features of the batch followed by the queue,
+    :math:`\kappa = [k_1..k_B, \kappa_1..\kappa_M]`; query n's distribution over them is
+    :math:`p_n = \mathrm{softmax}(q_n \kappa^\top / \tau)` and its target mixes the hard labels with
+    the teacher's own distribution:
+
+    .. math::
+        y_n = (1-\alpha)\, y^{\mathrm{hard}}_n + \alpha\, \mathrm{softmax}(q^{m}_n \kappa^\top / \tau), \qquad
+        \mathcal{L} = -\frac{1}{B}\sum_n \sum_j y_{nj} \log p_{nj},
+
+    where :math:`y^{\mathrm{hard}}_n` is uniform over the batch keys with the query's id (its own pair
+    and other pairs of the same item). Queue entries with the query's id are left out of both
+    distributions (a queue that holds a copy of the positive must not use it as a negative). With
+    q = image and keys = text this is ALBEF's i2t term; with keys of the query's own modality it is
+    CODIS's intra-modal i2i / t2t term. Keys and teacher queries are detached.
+
+    Args:
+        q: (B, D) student features (normalised here). k_batch: (B, D) teacher features of the batch's
+            pairs in the other (or the same) modality.
+        ids: (B,) item ids. queue, queue_ids: (M, D) and (M,) queued teacher features (M may be 0).
+        temperature: tau > 0. alpha: weight of the soft targets in [0, 1] (0 = hard labels).
+        q_teacher: (B, D) teacher features of the queries; needed when alpha > 0.
+
+    Returns:
+        The scalar loss.
+    """
+    check_embeddings("q", q)
+    check_embeddings("k_batch", k_batch, q.shape[1])
+    if k_batch.shape[0] != q.shape[0]:
+        raise ValueError(f"k_batch must have one key per query ({q.shape[0]}), got {k_batch.shape[0]}")
+    ids = check_ids("ids", ids, q.shape[0], q.device)
+    check_positive("temperature", temperature)
+    check_probability("alpha", alpha)
+    if alpha > 0 and q_teacher is None:
+        raise ValueError("alpha > 0 needs q_teacher, the momentum features of the queries")
+    if queue is None:
+        queue, queue_ids = q.new_zeros(0, q.shape[1]), ids[:0]
+    else:
+        check_tensor("queue", queue, ndim=2, nonempty=False)
+        check_same_width("q", q, "queue", queue)
+        queue_ids = check_ids("queue_ids", queue_ids, queue.shape[0], q.device)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k_batch, queue = _float(q, k_batch.detach(), queue.detach().to(q.device))
+        keys = F.normalize(torch.cat([k_batch, queue]), dim=-1)
+        valid = torch.cat([torch.ones(len(ids), len(ids), dtype=torch.bool, device=q.device),
+                           queue_ids[None, :] != ids[:, None]], dim=1)
+        hard = torch.cat([(ids[:, None] == ids[None, :]).to(q.dtype), q.new_zeros(len(ids), len(queue_ids))], 1)
+        hard = hard / hard.sum(1, keepdim=True)
+        logits = (F.normalize(q, dim=-1) @ keys.T / temperature).masked_fill(~valid, float("-inf"))
+        log_p = torch.log_softmax(logits, dim=1).masked_fill(~valid, 0.0)
+        target = hard
+        if alpha > 0:
+            check_embeddings("q_teacher", q_teacher, q.shape[1])
+            qt = F.normalize(q_teacher.detach().to(q), dim=-1)
+            soft = torch.softmax((qt @ keys.T / temperature).masked_fill(~valid, float("-inf")), dim=1)
+            target = (1 - alpha) * hard + alpha * soft
+        return -(target * log_p).sum(1).mean()
+
+
+def sample_hard_negatives(sim: torch.Tensor, row_ids=None, col_ids=None, temperature: float = 1.0,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""One negative column per row, drawn with probability :math:`\propto e^{s_{ij}/T}` among the columns
+    of a different item (ALBEF's ITM hard negatives, sampled from the contrastive similarities).
+
+    ALBEF samples with ``torch.multinomial`` over ``softmax(sim)`` after zeroing the positive, which fails
+    when a row has no valid column (batch size 1, or a batch of two captions of the same image); here
+    such rows get ``-1`` ("no negative") and the loss skips them. The positive (equal ids) is never drawn.
+
+    Args:
+        sim: (B_rows, B_cols) similarities (detached inside).
+        row_ids, col_ids: (B_rows,) / (B_cols,) item ids; default: the diagonal pairs.
+        temperature: T > 0 of the sampling softmax (small: almost the hardest negative).
+        generator: a torch.Generator for reproducible draws.
+
+    Returns:
+        (B_rows,) LongTensor of column indices, -1 where a row has no valid negative.
+    """
+    check_tensor("sim", sim, ndim=2)
+    check_positive("temperature", temperature)
+    n_rows, n_cols = sim.shape
+    if row_ids is None and col_ids is None:
+        if n_rows != n_cols:
+            raise ValueError(f"sim is {n_rows} x {n_cols}: pass row_ids and col_ids when it is not square")
+        row_ids = col_ids = torch.arange(n_rows, device=sim.device)
+    row_ids = check_ids("row_ids", row_ids, n_rows, sim.device)
+    col_ids = check_ids("col_ids", col_ids, n_cols, sim.device)
+    with torch.no_grad(), torch.autocast(device_type=sim.device.type, enabled=False):
+        valid = row_ids[:, None] != col_ids[None, :]
+        has = valid.any(1)
+        logits = (sim.detach().float() / temperature).masked_fill(~valid, float("-inf"))
+        logits[~has] = 0.0  # any row works for multinomial; the result is replaced by -1
+        probs = torch.softmax(logits, dim=1)
+        gen_device = generator.device if generator is not None else sim.device
+        draw = torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(1).to(sim.device)
+        return torch.where(has, draw, torch.full_like(draw, -1))
+
+
+def codebook_targets(features: torch.Tensor, prototypes: torch.Tensor, solver: str = "ipot",
+                     epsilon: float = 0.1, n_iters: int = 20, metric: str = "cosine") -> torch.Tensor:
+    r"""Codeword assignments of a batch by optimal transport: the rows of :math:`N\,T` with
+    :math:`T = \arg\min_{T\in\Pi(\frac1N\mathbf 1, \frac1K\mathbf 1)} \langle T, D\rangle`,
+    :math:`D_{ij} = d(z_i, c_j)` (CODIS Sec. 3.2; SwAV's equipartition, Caron et al., 2020).
+
+    Uniform marginals spread the batch over all K codewords, so no codeword collapses. The result is
+    computed without gradients (a target): rows are distributions over codewords (renormalised to sum
+    to 1, since a few iterations satisfy the column marginal exactly and the row marginal only roughly).
+
+    Args:
+        features: (N, D) features (the teacher's in CODIS). prototypes: (K, D) codewords.
+        solver: ``ipot`` (Algorithm 2 of the seed) or ``sinkhorn``; epsilon: its beta / epsilon.
+        n_iters: iterations; metric: the cost, see :func:`mmalign.ot.cost_matrix`.
+
+    Returns:
+        (N, K) targets, detached, in float32 (float64 for float64 input).
+    """
+    check_embeddings("features", features)
+    check_embeddings("prototypes", prototypes)
+    if features.shape[1] != prototypes.shape[1]:
+        raise ValueError(
+            f"prototypes have width {prototypes.shape[1]} but features have width {features.shape[1]}; "
+            f"create the codebook with dim={features.shape[1]} (the projection's output size)"
+        )
+    check_choice("solver", solver, ("ipot", "sinkhorn"))
+    check_int("n_iters", n_iters, minimum=1)
+    with torch.no_grad():
+        cost = cost_matrix(features.detach(), prototypes.detach(), metric)
+        fn = ipot if solver == "ipot" else sinkhorn
+        plan = fn(cost, epsilon, n_iters=n_iters).plan
+        # after a few iterations the columns hold exactly but the rows only approximately: renormalise each
+        # row into a distribution over codewords (SwAV does the same with its Sinkhorn codes)
+        return plan / plan.sum(1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
+
+
+def prototype_loss(features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor,
+                   gamma: float = 0.1) -> torch.Tensor:
+    r"""Cross-entropy between OT targets and the predicted codeword distribution (CODIS Eq. 2):
+
+    .. math::
+        P = \mathrm{softmax}(\hat Z \hat C^\top / \gamma), \qquad
+        \mathcal{L} = H(T, P) = -\frac1N \sum_i \sum_j T_{ij} \log P_{ij},
+
+    with L2-normalised rows :math:`\hat Z, \hat C`. ``L_t2p`` passes text features with the targets of
+    the paired images, ``L_i2p`` image features with the targets of the captions. Gradients reach the
+    features and the prototypes, never the targets (detached).
+
+    Shapes: features (N, D), prototypes (K, D), targets (N, K) with rows summing to 1. Returns a scalar.
+    """
+    check_embeddings("features", features)
+    check_embeddings("prototypes", prototypes)
+    if features.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"prototypes have width {prototypes.shape[1]} but features have width {features.shape[1]}")
+    check_tensor("targets", targets, ndim=2)
+    if targets.shape != (features.shape[0], prototypes.shape[0]):
+        raise ValueError(f"targets must be (N, K) = {(features.shape[0], prototypes.shape[0])}, got {tuple(targets.shape)}")
+    check_positive("gamma", gamma)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        z, c, t = _float(features, prototypes.to(features.device), targets.detach().to(features.device))
+        logits = F.normalize(z, dim=-1) @ F.normalize(c, dim=-1).T / gamma
+        return -(t * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def ot_cost_loss(features: torch.Tensor, prototypes: torch.Tensor, plan: torch.Tensor,
+                 metric: str = "cosine") -> torch.Tensor:
+    r"""The transport cost :math:`\mathcal{L}_{ot} = \langle T, D(Z, C)\rangle` for a fixed plan T (detached):
+    at the optimal plan this is the OT distance, and its gradient (envelope theorem) pulls each codeword
+    towards the features transported to it. Pass the plan :math:`T` itself (rows sum to 1/N), e.g.
+    ``codebook_targets(...) / N``. Shapes: features (N, D), prototypes (K, D), plan (N, K); a scalar.
+    """
+    check_tensor("plan", plan, ndim=2)
+    cost = cost_matrix(features, prototypes, metric)
+    if plan.shape != cost.shape:
+        raise ValueError(f"plan must be (N, K) = {tuple(cost.shape)}, got {tuple(plan.shape)}")
+    return (plan.detach().to(cost) * cost).sum()

@@ -1,0 +1,297 @@
+r"""CODIS on frozen features: student towers, momentum teachers, queues, a fusion layer and the codebook.
+
+CODIS (Duan et al., 2022) trains ALBEF (Li et al., 2021) with two additions: intra-modal alignment
+(i2i, t2t beside the cross-modal i2t, t2i) and a multimodal codebook whose targets are optimal-transport
+plans of the teacher's features. Its objective, as the seed writes it:
+
+.. math::
+    \mathcal{L}_{final} = \mathcal{L}_{mlm} + \mathcal{L}_{itm} + \mathcal{L}_{ica} + \mathcal{L}_{code},
+    \qquad
+    \mathcal{L}_{code} = \mathcal{L}_{ot}(Z^m_v, C) + \mathcal{L}_{ot}(Z^m_t, C)
+        + \mathcal{L}_{t2p}(Z_t, C, T_{i2p}) + \mathcal{L}_{i2p}(Z_v, C, T_{t2p}),
+
+where :math:`\mathcal{L}_{ica}` is the queued contrastive loss with momentum distillation over i2t, t2i
+(cross) and i2i, t2t (intra), and :math:`T_{i2p}` is the OT plan of the image features to the codebook:
+the text predicts the codes of its image and the image those of its text (Eq. 2 of the seed; its
+:math:`\mathcal{L}_{code}` line swaps the subscripts, Eq. 2 is what we follow).
+
+To run on a CPU the towers are small transformer layers over *frozen* inputs: EfficientNet-Lite0's
+3 x 3 patch grid (N, 9, 1280) and MiniLM's token states (N, L, 384)
+(:func:`mmalign.data.features.sequence_features`). Caveat for MLM: the frozen token states were computed
+from the unmasked caption, so the neighbours of a masked position still carry its word; MLM here is
+easier than in ALBEF and mostly exercises the image-conditioned fusion.
+
+Every term is switched by :class:`CodisConfig`, so the ablation is configuration, not copies of code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checks import check_choice, check_int, check_positive, check_probability, check_tensor
+from ..losses.codis import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
+                            sample_hard_negatives)
+from ..memory import MoCoQueue, MomentumEncoder
+
+__all__ = ["CodisConfig", "SequenceTower", "Towers", "FusionHead", "Codis"]
+
+
+@dataclass(frozen=True)
+class CodisConfig:
+    """Sizes and switches of :class:`Codis`.
+
+    ``cross``/``intra``: the i2t+t2i and i2i+t2t contrastive terms; ``itm``, ``mlm``: ALBEF's fusion
+    terms; ``codebook``: L_code, with plans from the ``teacher`` or ``student`` features
+    (``code_source``); ``alpha``: weight of the momentum-distillation soft targets (0 = hard labels).
+    """
+
+    image_dim: int = 1280
+    text_dim: int = 384
+    width: int = 128
+    layers: int = 1
+    heads: int = 4
+    embed_dim: int = 128
+    max_patches: int = 9
+    max_tokens: int = 64
+    queue_size: int = 1024
+    momentum: float = 0.995
+    temperature: float = 0.07
+    alpha: float = 0.4
+    cross: bool = True
+    intra: bool = False
+    itm: bool = True
+    mlm: bool = True
+    vocab_size: int = 0  # MLM classes (needed when mlm)
+    mask_prob: float = 0.15
+    codebook: bool = False
+    n_codewords: int = 64
+    gamma: float = 0.1
+    code_source: str = "teacher"
+    ot_solver: str = "ipot"
+    ot_epsilon: float = 0.1
+    ot_iters: int = 20
+    dropout: float = 0.0
+
+    def replace(self, **changes) -> "CodisConfig":
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self):
+        for name in ("image_dim", "text_dim", "width", "layers", "heads", "embed_dim", "max_patches",
+                     "max_tokens", "queue_size", "n_codewords", "ot_iters"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("vocab_size", self.vocab_size, minimum=0)
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+        for name in ("temperature", "gamma", "ot_epsilon"):
+            check_positive(name, getattr(self, name))
+        for name in ("momentum", "alpha", "mask_prob", "dropout"):
+            check_probability(name, getattr(self, name))
+        check_choice("code_source", self.code_source, ("teacher", "student"))
+        check_choice("ot_solver", self.ot_solver, ("ipot", "sinkhorn"))
+        if self.mlm and self.vocab_size < 2:
+            raise ValueError("mlm=True needs vocab_size >= 2 (the number of MLM classes); or set mlm=False")
+        if not (self.cross or self.intra or self.codebook):
+            raise ValueError("nothing aligns the two towers: enable cross, intra or codebook")
+
+
+class SequenceTower(nn.Module):
+    """A [CLS] token, learned positions and ``layers`` pre-norm transformer layers over projected frozen
+    inputs; returns the states (B, 1 + L, width) and the projected, normalised [CLS] (B, embed_dim)."""
+
+    def __init__(self, in_dim: int, cfg: CodisConfig, max_len: int):
+        super().__init__()
+        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, cfg.width))
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, max_len + 1, cfg.width))
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 2 * cfg.width, cfg.dropout, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.embed_dim)
+        self.max_len = max_len
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, masked: torch.Tensor | None = None):
+        if x.shape[1] > self.max_len:
+            raise ValueError(f"sequence of length {x.shape[1]} is longer than max_len={self.max_len}")
+        h = self.inp(x.float())
+        if masked is not None:  # MLM: replace the masked positions by a learned [MASK] vector
+            h = torch.where(masked[..., None], self.mask_token.to(h.dtype).expand_as(h), h)
+        h = torch.cat([self.cls.expand(len(h), -1, -1), h], 1) + self.pos[:, : h.shape[1] + 1]
+        pad = None
+        if mask is not None:
+            pad = torch.cat([torch.zeros_like(mask[:, :1]), ~mask], 1)  # True = ignore
+        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
+        return h, F.normalize(self.head(h[:, 0]), dim=-1)
+
+    def token_embeddings(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each position's state through the projection head, normalised (B, L, embed_dim): what a
+        patch or a token, rather than the [CLS], says in the shared space (for the codeword figure)."""
+        h, _ = self.forward(x, mask)
+        return F.normalize(self.head(h[:, 1:]), dim=-1)
+
+
+class Towers(nn.Module):
+    """The image and text student towers (the part the momentum teacher copies)."""
+
+    def __init__(self, cfg: CodisConfig):
+        super().__init__()
+        self.image = SequenceTower(cfg.image_dim, cfg, cfg.max_patches)
+        self.text = SequenceTower(cfg.text_dim, cfg, cfg.max_tokens)
+
+    def forward(self, patches, tokens, token_mask):
+        hv, zv = self.image(patches)
+        ht, zt = self.text(tokens, token_mask)
+        return hv, zv, ht, zt
+
+
+class FusionHead(nn.Module):
+    """ALBEF's multimodal encoder, reduced to one block: text states cross-attend to image states,
+    then an MLP; heads for ITM (2 classes, from the [CLS]) and MLM (``vocab_size`` classes, per token)."""
+
+    def __init__(self, cfg: CodisConfig):
+        super().__init__()
+        self.ln_q, self.ln_kv, self.ln_ff = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+        self.attn = nn.MultiheadAttention(cfg.width, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(cfg.width, 2 * cfg.width), nn.GELU(), nn.Linear(2 * cfg.width, cfg.width))
+        self.itm = nn.Linear(cfg.width, 2)
+        self.mlm = nn.Linear(cfg.width, max(cfg.vocab_size, 2))
+
+    def forward(self, text_states: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_kv(image_states)
+        h = text_states + self.attn(self.ln_q(text_states), kv, kv, need_weights=False)[0]
+        return h + self.ff(self.ln_ff(h))
+
+
+class Codis(nn.Module):
+    """The student towers, their momentum teacher, the fusion head, the codebook and the two queues.
+
+    ``losses(batch)`` returns the dictionary of switched-on terms; ``after_step()`` updates the teacher
+    (EMA) and enqueues its features. ``stateful()`` gives the queues for checkpoints.
+    """
+
+    def __init__(self, cfg: CodisConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.towers = Towers(cfg)
+        self.teacher = MomentumEncoder(self.towers, cfg.momentum)
+        self.fusion = FusionHead(cfg)
+        self.codebook = nn.Parameter(F.normalize(torch.randn(cfg.n_codewords, cfg.embed_dim), dim=-1))
+        self.queue_image = MoCoQueue(cfg.queue_size, cfg.embed_dim)
+        self.queue_text = MoCoQueue(cfg.queue_size, cfg.embed_dim)
+        self._pending = None
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def stateful(self) -> dict:
+        return {"queue_image": self.queue_image, "queue_text": self.queue_text}
+
+    def _apply(self, fn, *args, **kwargs):  # keep the queues on the model's device
+        out = super()._apply(fn, *args, **kwargs)
+        dev = self.codebook.device
+        self.queue_image.to(dev)
+        self.queue_text.to(dev)
+        return out
+
+    @torch.no_grad()
+    def encode_images(self, patches: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Student image embeddings (N, embed_dim) of patch grids (N, P, image_dim)."""
+        check_tensor("patches", patches, ndim=3)
+        return torch.cat([self.towers.image(patches[i:i + batch_size].to(self.codebook.device))[1]
+                          for i in range(0, len(patches), batch_size)])
+
+    @torch.no_grad()
+    def encode_texts(self, tokens: torch.Tensor, token_mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Student caption embeddings (N, embed_dim) of token states (N, L, text_dim) with their mask."""
+        check_tensor("tokens", tokens, ndim=3)
+        dev = self.codebook.device
+        return torch.cat([self.towers.text(tokens[i:i + batch_size].to(dev), token_mask[i:i + batch_size].to(dev))[1]
+                          for i in range(0, len(tokens), batch_size)])
+
+    def _itm(self, hv, ht, zv, zt, ids, generator):
+        sim = zv.detach() @ zt.detach().T / self.cfg.temperature  # (B_img, B_txt)
+        neg_t = sample_hard_negatives(sim, ids, ids, generator=generator)
+        neg_v = sample_hard_negatives(sim.T, ids, ids, generator=generator)
+        rows_v = torch.arange(len(ids), device=ids.device)
+        ok_t, ok_v = neg_t >= 0, neg_v >= 0
+        img_idx = torch.cat([rows_v, rows_v[ok_t], neg_v[ok_v]])
+        txt_idx = torch.cat([rows_v, neg_t[ok_t], rows_v[ok_v]])
+        labels = torch.cat([torch.ones(len(ids), dtype=torch.long, device=ids.device),
+                            torch.zeros(int(ok_t.sum() + ok_v.sum()), dtype=torch.long, device=ids.device)])
+        fused = self.fusion(ht[txt_idx], hv[img_idx])
+        logits = self.fusion.itm(fused[:, 0]).float()
+        return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+    def _mlm(self, hv, tokens, token_mask, mlm_labels, generator):
+        cand = mlm_labels >= 0
+        u = torch.rand(cand.shape, generator=generator, device=generator.device if generator else cand.device)
+        masked = cand & (u.to(cand.device) < self.cfg.mask_prob)
+        if not bool(masked.any()):
+            return hv.sum() * 0.0
+        ht_m, _ = self.towers.text(tokens, token_mask, masked=masked)
+        fused = self.fusion(ht_m, hv)[:, 1:]
+        logits = self.fusion.mlm(fused[masked]).float()
+        return F.cross_entropy(logits, mlm_labels[masked])
+
+    def losses(self, patches: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, ids: torch.Tensor,
+               mlm_labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+        """The switched-on terms for one batch of B pairs (image patches (B, P, D_v), caption tokens
+        (B, L, D_t) with mask (B, L), item ids (B,), MLM labels (B, L) with -100 where not predicted).
+
+        Returns ``{term: scalar}`` with keys among ``itc`` (i2t + t2i)/2, ``intra`` (i2i + t2t)/2,
+        ``itm``, ``mlm``, ``code`` (L_ot + L_t2p + L_i2p) and ``total`` (their sum); ``itm_acc`` too.
+        """
+        cfg = self.cfg
+        b = len(ids)
+        if b > cfg.queue_size:
+            raise ValueError(
+                f"the queues hold {cfg.queue_size} features but a batch has {b} pairs; a queue smaller than "
+                f"the batch drops keys before they are used: set queue_size >= batch_size"
+            )
+        hv, zv, ht, zt = self.towers(patches, tokens, token_mask)
+        with torch.no_grad():
+            _, kv, _, kt = self.teacher(patches, tokens, token_mask)
+        qv, qv_ids, qt, qt_ids = self.queue_image.keys, self.queue_image.ids, self.queue_text.keys, self.queue_text.ids
+        out = {}
+        a = cfg.alpha
+        if cfg.cross:
+            out["itc"] = 0.5 * (distill_contrastive_loss(zv, kt, ids, qt, qt_ids, cfg.temperature, a, kv)
+                                + distill_contrastive_loss(zt, kv, ids, qv, qv_ids, cfg.temperature, a, kt))
+        if cfg.intra:
+            out["intra"] = 0.5 * (distill_contrastive_loss(zv, kv, ids, qv, qv_ids, cfg.temperature, a, kv)
+                                  + distill_contrastive_loss(zt, kt, ids, qt, qt_ids, cfg.temperature, a, kt))
+        if cfg.itm:
+            out["itm"], out["itm_acc"] = self._itm(hv, ht, zv, zt, ids, generator)
+        if cfg.mlm and mlm_labels is not None:
+            out["mlm"] = self._mlm(hv, tokens, token_mask, mlm_labels, generator)
+        if cfg.codebook:
+            fv, ft = (kv, kt) if cfg.code_source == "teacher" else (zv.detach(), zt.detach())
+            t_v = codebook_targets(fv, self.codebook, cfg.ot_solver, cfg.ot_epsilon, cfg.ot_iters)  # T_i2p (rows sum 1)
+            t_t = codebook_targets(ft, self.codebook, cfg.ot_solver, cfg.ot_epsilon, cfg.ot_iters)  # T_t2p
+            l_ot = ot_cost_loss(fv, self.codebook, t_v / b) + ot_cost_loss(ft, self.codebook, t_t / b)
+            out["code"] = (l_ot + prototype_loss(zt, self.codebook, t_v, cfg.gamma)
+                           + prototype_loss(zv, self.codebook, t_t, cfg.gamma))
+        out["total"] = sum(v for k, v in out.items() if k != "itm_acc")
+        self._pending = (kv.detach(), kt.detach(), ids.detach())
+        return out
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """EMA update of the teacher, then enqueue the teacher features of the last :meth:`losses` call."""
+        self.teacher.update(self.towers)
+        if self._pending is not None:
+            kv, kt, ids = self._pending
+            self.queue_image.enqueue(kv, ids)
+            self.queue_text.enqueue(kt, ids)
+            self._pending = None
+
+    @torch.no_grad()
+    def codeword_assignments(self, emb: torch.Tensor) -> torch.Tensor:
+        """The codeword each embedding (..., embed_dim) is closest to (cosine), (...) LongTensor."""
+        return (F.normalize(emb, dim=-1) @ F.normalize(self.codebook, dim=-1).T).argmax(-1)
