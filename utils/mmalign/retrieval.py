@@ -136,6 +136,7 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, query_ids, gallery_i
             r = unsure.nonzero().flatten()
             above[r], tied[r] = (scores[r] > best[r]).sum(1), (scores[r] == best[r]).sum(1)
         above, tied_neg = above.double(), tied.double() - tied_pos
+        del scores, top  # free this chunk's scores before the next chunk's are computed (peak: one chunk)
         m = (k_tensor[None, :] - above[:, None])  # tied slots left inside the top K
         t, p = tied_neg[:, None], tied_pos[:, None]
         m_safe = m.clamp(0, None).minimum(t)

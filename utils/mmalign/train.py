@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import dist as _dist
+from .checks import check_int, check_positive
 from .config import choose_device
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "stateful", "history", "epoch",
+                    "step_in_epoch", "global_step", "rng")
 
 
 @dataclass
@@ -69,9 +74,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def _batches(data, order: torch.Tensor, batch_size: int, drop_last: bool, collate_fn, num_workers: int,
-             loader_seed: int = 0, start: int = 0):
-    """The batches of one epoch from batch ``start`` on (earlier ones are not loaded at all)."""
+             loader_seed: int = 0, start: int = 0, shard: tuple[int, int] = (0, 1)):
+    """The batches of one epoch from batch ``start`` on (earlier ones are not loaded at all).
+
+    ``shard = (rank, world)``: each global batch of ``batch_size`` is cut into ``world`` equal
+    contiguous parts and this process gets part ``rank`` (the DistributedSampler equivalent that keeps
+    the seeded epoch order, so W processes see exactly the global batches one process would)."""
     n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
+    rank, world = shard
+    if world > 1:
+        per = batch_size // world
+        order = torch.cat([order[b * batch_size:(b + 1) * batch_size][rank * per:(rank + 1) * per]
+                           for b in range(n_batches)]) if n_batches else order[:0]
+        batch_size = per
     if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
         for b in range(start, n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -101,6 +116,87 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def _amp_setting(amp, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype) from ``amp``: None (on for CUDA), a bool (float16 on CUDA, bfloat16 elsewhere)
+    or a dtype name ``"bf16"``/``"fp16"``."""
+    if isinstance(amp, str):
+        if amp.lower() not in _AMP_DTYPES:
+            raise ValueError(f"amp must be None, a bool or one of {sorted(_AMP_DTYPES)}, got {amp!r}")
+        return True, _AMP_DTYPES[amp.lower()]
+    if amp is not None and not isinstance(amp, bool):
+        raise TypeError(f"amp must be None, a bool or one of {sorted(_AMP_DTYPES)}, got {type(amp).__name__}")
+    enabled = (device.type == "cuda") if amp is None else amp
+    return enabled, torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def _check_fit_args(model, loss_fn, optimizer, data, eval_fn, after_step, collate_fn, stateful) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (model, batch) -> loss, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (e.g. torch.optim.Adam(model.parameters())), "
+                        f"got {type(optimizer).__name__}")
+    for name, fn in (("eval_fn", eval_fn), ("after_step", after_step), ("collate_fn", collate_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    for name, obj in dict(stateful or {}).items():
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"stateful[{name!r}] ({type(obj).__name__}) needs state_dict() and load_state_dict() "
+                            "so that a checkpoint can restore it")
+    if isinstance(data, (tuple, list)):
+        if not data:
+            raise ValueError("data is empty; pass a tuple of tensors with one row per sample, or a Dataset")
+    elif not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        raise TypeError(f"data must be a tuple of tensors or a torch Dataset, got {type(data).__name__}")
+
+
+def _check_loss(out, step: int) -> tuple[torch.Tensor, Mapping]:
+    """``loss_fn``'s result as ``(scalar loss tensor, logs)``, or a clear error."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError(f"loss_fn must return a loss or a pair (loss, {{name: float}}); at step {step} it "
+                            f"returned a tuple of {len(out)} items ({', '.join(type(o).__name__ for o in out)})")
+        loss, logs = out
+    else:
+        loss, logs = out, {}
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return the loss as a torch.Tensor with gradients, got {type(loss).__name__} "
+                        f"{loss!r} at step {step}; do not call .item() or float() on it")
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar loss, got a tensor of shape {tuple(loss.shape)} at step {step}; "
+                         "reduce it with .mean() or .sum()")
+    if not loss.requires_grad:
+        raise ValueError(f"the loss at step {step} does not require grad (computed under torch.no_grad(), detached, "
+                         "or from no trainable parameter); return the loss built from the model's outputs")
+    return loss.reshape(()), logs
+
+
+def _load_checkpoint(path: Path, device, stateful: Mapping) -> dict:
+    """Read a checkpoint written by :func:`fit` and check that it holds everything this run restores."""
+    fix = "delete it to start over, or pass another checkpoint_path"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # truncated, empty, not a torch file
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated "
+                         f"or not a checkpoint of mmalign.train.fit: {fix}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise ValueError(f"checkpoint {path} is not a checkpoint of mmalign.train.fit (missing {missing}): {fix}")
+    saved = set(ckpt["stateful"] or {})
+    missing, extra = sorted(set(stateful) - saved), sorted(saved - set(stateful))
+    if missing or extra:
+        raise ValueError(
+            f"checkpoint {path} holds stateful objects {sorted(saved)} but this run has {sorted(stateful)}"
+            + (f" (missing from the checkpoint: {missing})" if missing else "")
+            + (f" (not in this run: {extra})" if extra else "")
+            + f"; resume with the same stateful objects, or {fix}")
+    return ckpt
+
+
 def fit(
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -111,7 +207,7 @@ def fit(
     batch_size: int,
     seed: int = 0,
     device: str | torch.device | None = None,
-    amp: bool | None = None,
+    amp: bool | str | None = None,
     scheduler: Any = None,
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
     eval_every: int | None = None,
@@ -143,12 +239,33 @@ def fit(
         checkpoint_path: where to save; if the file exists, training resumes from it.
         checkpoint_every: also save every this many steps (always at epoch ends and at ``max_steps``).
         max_steps: stop after this many steps in total (e.g. to simulate an interrupted run).
-        amp: autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); default on for CUDA only.
+        amp: autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); default on for CUDA only;
+            ``"bf16"`` or ``"fp16"`` picks the dtype (fp16 always gets a GradScaler). Losses keep their
+            logits in float32 (``mmalign.losses.similarity`` turns autocast off).
+
+    Under ``torchrun`` (torch.distributed initialised, see :mod:`mmalign.dist`) the same call trains
+    data-parallel: ``batch_size`` is the global batch, each process takes its equal part of every
+    seeded global batch, gradients are averaged across processes after backward (as DDP does), the
+    logged loss and metrics are means over processes, rank 0 alone draws the progress bar and writes
+    checkpoints, and a checkpoint resumes on any number of processes (its RNG state is rank 0's).
+
+    Arguments are checked up front (``grad_clip`` > 0, whole positive counts, stateful objects with a
+    state_dict); ``seed`` seeds torch, numpy and python's ``random``; a checkpoint that is truncated, or
+    lacks a stateful object this run has, raises a ValueError naming the file and the fix.
     """
+    _check_fit_args(model, loss_fn, optimizer, data, eval_fn, after_step, collate_fn, stateful)
     if keep_best is not None and eval_fn is None:
         raise ValueError(f"keep_best={keep_best!r} needs an eval_fn that returns that metric")
+    epochs, batch_size = check_int("epochs", epochs), check_int("batch_size", batch_size)
     if epochs <= 0 or batch_size <= 0:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    seed = check_int("seed", seed, minimum=0)
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every), ("max_steps", max_steps)):
+        if value is not None:
+            check_int(name, value, minimum=1)
+    check_int("num_workers", num_workers, minimum=0)
+    if grad_clip is not None:
+        grad_clip = check_positive("grad_clip", grad_clip)
     n = len(data[0]) if isinstance(data, (tuple, list)) else len(data)
     if isinstance(data, (tuple, list)) and any(len(t) != n for t in data):
         raise ValueError(f"all tensors in data need the same first dimension, got {[len(t) for t in data]}")
@@ -156,8 +273,11 @@ def fit(
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the data ({n} samples) with drop_last=True")
     device = torch.device(device) if device is not None else choose_device()
-    amp = (device.type == "cuda") if amp is None else amp
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp, amp_dtype = _amp_setting(amp, device)
+    world = _dist.world_size()
+    if world > 1 and (batch_size % world or not drop_last):
+        raise ValueError(f"under torch.distributed with {world} processes batch_size is the global batch: it must "
+                         f"be divisible by {world} (got {batch_size}) and drop_last must be True (got {drop_last})")
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     stateful = dict(stateful or {})
     model.to(device)
@@ -167,22 +287,32 @@ def fit(
     best_state = None
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
     if checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = _load_checkpoint(checkpoint_path, device, stateful)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"checkpoint {checkpoint_path} was saved by another model or optimizer ({err}); "
+                             "resume with the same architecture, or delete the file to start over") from None
         if scheduler is not None and ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         for name, obj in stateful.items():
-            obj.load_state_dict(ckpt["stateful"][name])
+            try:
+                obj.load_state_dict(ckpt["stateful"][name])
+            except (TypeError, ValueError, KeyError) as err:
+                raise ValueError(f"checkpoint {checkpoint_path}: stateful[{name!r}] cannot be restored: {err}") from None
         history = History(**ckpt["history"])
         best_state = ckpt.get("best_state")
         start_epoch, start_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         _set_rng_state(ckpt["rng"])
+    _dist.broadcast_parameters(model)  # every rank starts from rank 0's weights
 
     def save(epoch: int, step_in_epoch: int) -> None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or not _dist.is_main():  # rank 0 writes; any number of ranks resumes
             return
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint_path.with_suffix(".tmp")
@@ -213,7 +343,7 @@ def fit(
 
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
     bar = None
-    if progress:
+    if progress and _dist.is_main():
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=min(global_step, total), desc=desc, leave=False)
     started = time.perf_counter()
@@ -226,18 +356,20 @@ def fit(
             stopped = True
             break
         order = epoch_order(n, seed, epoch)
-        batches = _batches(data, order, batch_size, drop_last, collate_fn, num_workers, seed * 100_003 + epoch, skip)
+        batches = _batches(data, order, batch_size, drop_last, collate_fn, num_workers, seed * 100_003 + epoch, skip,
+                           shard=(_dist.rank(), world))
         for i, batch in enumerate(batches, start=skip):
             batch = to_device(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 out = loss_fn(model, batch)
-            loss, logs = out if isinstance(out, tuple) else (out, {})
+            loss, logs = _check_loss(out, global_step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {global_step}: lower the learning rate or raise the temperature"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            _dist.average_gradients(model.parameters())  # as DDP does; no-op in one process
             if grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -249,9 +381,9 @@ def fit(
             if after_step is not None:
                 after_step(model, batch, global_step)
             history.step.append(global_step)
-            history.loss.append(float(loss.detach()))
+            history.loss.append(float(_dist.all_reduce_mean(loss.detach().float())))
             for k, v in logs.items():
-                history.metrics.setdefault(k, []).append(float(v))
+                history.metrics.setdefault(k, []).append(float(_dist.all_reduce_mean(float(v))))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{history.loss[-1]:.4f}", epoch=epoch + 1)

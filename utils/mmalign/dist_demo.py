@@ -1,0 +1,171 @@
+"""Chapter 9's multi-process worker: ``torchrun --nproc_per_node=2 -m mmalign.dist_demo --out DIR``.
+
+Every process loads the cached features of the profile (``MMALIGN_PROFILE``), then
+
+1. trains the chapter-2 dual encoder twice with the same global batch, seed and budget through
+   :func:`mmalign.recipes.train_dual_encoder` (so through :func:`mmalign.train.fit`, which shards the
+   batches and averages the gradients): once with **local** negatives (each process's InfoNCE sees
+   only its own B/W pairs) and once with **gathered** negatives (:func:`mmalign.dist.gathered_info_nce`);
+2. times communication against compute for a few local batch sizes: the all-gather of the
+   embeddings (forward and its backward all-reduce), the all-reduce of the heads' gradients, and the
+   forward + backward of one step.
+
+Rank 0 writes ``DIR/summary.json`` (test recalls, loss curves, timings) and the two trained state
+dicts ``DIR/{local,gathered}.pt``; the notebook compares them with one-process runs.
+
+``--check FILE::FUNCTION`` instead checks a student's loss ``FUNCTION(a, b, temperature)`` (lab 9)
+on a fixed float64 batch: rank 0 writes ``DIR/check.pt`` with the mean of the ranks' losses and the
+gradient of the global loss with respect to every row (see :func:`check_loss`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .config import load_config
+from .losses import info_nce
+
+TEMPERATURE = 0.07
+
+
+def local_pair_loss(zi, zt, ids):
+    """InfoNCE over this process's pairs only (the negatives of B/W rows)."""
+    return info_nce(zi, zt, TEMPERATURE, labels_a=ids, labels_b=ids)
+
+
+def gathered_pair_loss(zi, zt, ids):
+    """InfoNCE over the whole global batch, gathered across processes."""
+    return dist.gathered_info_nce(zi, zt, TEMPERATURE, ids)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def comm_vs_compute(model, d_img: int, d_txt: int, sizes, repeats: int = 10) -> dict:
+    """Median milliseconds per step part, for each local batch size n (the same on every rank)."""
+    out = {}
+    params = list(model.parameters())
+    for n in sizes:
+        g = torch.Generator().manual_seed(dist.rank())
+        img, txt = torch.randn(n, d_img, generator=g), torch.randn(n, d_txt, generator=g)
+        ids = dist.rank_offset_labels(n)
+
+        def compute():
+            model.zero_grad(set_to_none=True)
+            zi, zt = model(img, txt)
+            info_nce(zi, zt, TEMPERATURE, ids, ids).backward()
+
+        with torch.no_grad():
+            zi, zt = model(img, txt)
+        emb = zi.detach().requires_grad_()
+
+        def gather():
+            dist.all_gather(emb).sum().backward()  # forward all-gather + backward all-reduce
+
+        def reduce_grads():
+            dist.average_gradients(params)
+
+        compute()
+        out[str(n)] = {"compute (forward + backward)": _median_ms(compute, repeats),
+                       "all-gather embeddings (+ its backward)": _median_ms(gather, repeats),
+                       "all-reduce gradients": _median_ms(reduce_grads, repeats)}
+    return out
+
+
+def check_batch(n: int = 16, dim: int = 6, seed: int = 0):
+    """The fixed float64 batch of the lab check: (n, dim) image and caption embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randn(n, dim, generator=g, dtype=torch.float64)
+
+
+def check_loss(loss_fn, temperature: float = 0.1) -> dict:
+    """Run ``loss_fn(a_local, b_local, temperature)`` on this rank's rows of :func:`check_batch`.
+
+    The global loss is the mean of the ranks' losses (what averaging gradients optimises), so the
+    gradient of the global loss with respect to this rank's rows is this rank's ``.grad`` divided by
+    the world size (the all-gather's backward already summed every rank's contribution). Returns the
+    global loss and the full (n, dim) gradients, gathered in rank order, on every rank.
+    """
+    a_all, b_all = check_batch()
+    n = a_all.shape[0] // dist.world_size()
+    rows = slice(dist.rank() * n, (dist.rank() + 1) * n)
+    a, b = a_all[rows].clone().requires_grad_(), b_all[rows].clone().requires_grad_()
+    loss = loss_fn(a, b, temperature)
+    loss.backward()
+    w = dist.world_size()
+    return {"loss": float(dist.all_reduce_mean(loss.detach())),
+            "grad_a": dist.all_gather_ids(a.grad / w), "grad_b": dist.all_gather_ids(b.grad / w)}
+
+
+def _load_function(spec: str):
+    import importlib.util
+
+    path, _, name = spec.partition("::")
+    module_spec = importlib.util.spec_from_file_location("lab_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for summary.json and the state dicts (rank 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the profile's")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the profile's)")
+    parser.add_argument("--sizes", default="64,256,1024", help="local batch sizes of the timing")
+    parser.add_argument("--check", default=None, help="FILE::FUNCTION: check a loss function (lab 9)")
+    args = parser.parse_args(argv)
+
+    dist.init()  # gloo on CPU, NCCL on CUDA; a plain `python -m` run is one process
+    if args.check:
+        torch.set_num_threads(1)
+        result = check_loss(_load_function(args.check))
+        if dist.is_main():
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save(result, Path(args.out) / "check.pt")
+        dist.barrier()
+        dist.cleanup()
+        return
+    cfg = load_config()
+    torch.set_num_threads(cfg.num_threads or 1)
+    from .data.features import scene_features
+    from .recipes import evaluate, train_dual_encoder
+
+    train, test = scene_features("train", cfg, progress=False), scene_features("test", cfg, progress=False)
+    summary = {"world_size": dist.world_size(), "backend": torch.distributed.get_backend()
+               if dist.is_distributed() else "none", "batch_size": args.batch_size or cfg.batch_size,
+               "epochs": args.epochs or cfg.epochs, "runs": {}}
+    out = Path(args.out)
+    for name, loss in (("local", local_pair_loss), ("gathered", gathered_pair_loss)):
+        start = time.perf_counter()
+        model, history = train_dual_encoder(train, None, cfg, loss, epochs=args.epochs, batch_size=args.batch_size,
+                                            progress=False)
+        seconds = time.perf_counter() - start
+        if dist.is_main():
+            summary["runs"][name] = {"test": evaluate(model, test), "loss": history.loss, "seconds": seconds}
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / f"{name}.pt")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    summary["timing_ms"] = comm_vs_compute(model, train.image.shape[1], train.text.shape[1], sizes)
+    if dist.is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    dist.barrier()
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
