@@ -69,3 +69,59 @@ def test_aligner_shapes_and_parameter_count():
     assert counts["text towers"] == sum(p.numel() for p in model.text.parameters())
     wide = MultilingualAligner(torch.randn(6, 10), tok, embed_dim=8, width=32, pooling="mean")
     assert wide.n_parameters()["text towers"] > counts["text towers"]
+
+
+def test_foil_tables_match_a_loop():
+    from mmalign.experiments.languages import HARD_PAIRS, first_captions, foil_tables, pair_name
+
+    g = torch.Generator().manual_seed(3)
+    n, k_cap, d = 10, 3, 6
+    text_ids = torch.arange(n).repeat_interleave(k_cap)
+    base = torch.randn(n * k_cap, d, generator=g, dtype=torch.float64)
+    emb = {lang: base + 0.7 * torch.randn(n * k_cap, d, generator=g, dtype=torch.float64) for lang in LANGS}
+    first = first_captions(text_ids)
+    assert first.tolist() == list(range(0, n * k_cap, k_cap))
+    foils = {lang: emb[lang][first] + 0.9 * torch.randn(n, d, generator=g, dtype=torch.float64) for lang in LANGS}
+    got = foil_tables(emb, foils, text_ids)
+    cos = lambda x, y: float(torch.nn.functional.cosine_similarity(x, y, dim=0))  # noqa: E731
+    for a, b in HARD_PAIRS:
+        afc, r1 = [], []
+        for qa, gb in ((a, b), (b, a)):
+            wins = hits = 0
+            for i, row in enumerate(first.tolist()):
+                q, true = emb[qa][row], emb[gb][row]
+                wins += cos(q, true) > cos(q, foils[gb][i])
+                others = [cos(q, emb[gb][j]) for j in range(n * k_cap) if j != row] + [cos(q, f) for f in foils[gb]]
+                hits += cos(q, true) > max(others)
+            afc.append(100 * wins / n)
+            r1.append(100 * hits / n)
+        assert math.isclose(got[f"{pair_name(a, b)}.foil2AFC"], sum(afc) / 2, abs_tol=1e-9)
+        assert math.isclose(got[f"{pair_name(a, b)}.foilR1"], sum(r1) / 2, abs_tol=1e-9)
+
+
+def test_shared_encoder_variants():
+    world = generate_scenes(6, seed=1, image_size=32)
+    tok = build_tokenizers(world)
+    tokens = []
+    for lang in LANGS:
+        tokens.extend(tok[lang].encode(world.caption_table(lang)[0][:4]))
+    torch.manual_seed(0)
+    own = MultilingualAligner(torch.randn(6, 10), tok, embed_dim=8, width=16)
+    shared = MultilingualAligner(torch.randn(6, 10), tok, embed_dim=8, width=16, sharing="shared")
+    tagged = MultilingualAligner(torch.randn(6, 10), tok, embed_dim=8, width=16, sharing="shared_tag")
+    for model in (shared, tagged):
+        views = model(torch.randn(4, 10), *tokens)
+        assert [tuple(v.shape) for v in views] == [(4, 8)] * 4
+    # one tower for three languages: fewer parameters; the tags add three rows to the character table
+    assert shared.n_parameters()["text towers"] < own.n_parameters()["text towers"]
+    assert tagged.n_parameters()["text towers"] == shared.n_parameters()["text towers"] + 3 * 16
+    # languages use disjoint rows of the shared character table (the scripts share no character id)
+    ids, mask = tokens[2], tokens[3]  # Hindi
+    shifted = torch.where(mask, ids + shared.offsets["hi"], torch.zeros_like(ids))
+    assert int(shifted[mask].min()) >= len(tok["en"]) and int(shifted.max()) < len(tok["en"]) + len(tok["hi"])
+    # the same ids read as another language (other rows, other tag) give another embedding
+    enc = tagged.encode_text
+    assert not torch.allclose(enc("en", *tokens[:2]), enc("hi", *tokens[:2]))
+    import pytest
+    with pytest.raises(ValueError, match="sharing must be one of"):
+        MultilingualAligner(torch.randn(6, 10), tok, embed_dim=8, sharing="tagged")
