@@ -70,7 +70,7 @@ function report(win) {
     images: images,
     resources: resources,
     widget_notes: doc.querySelectorAll(".offline-widget-note").length,
-    widgets_rendered: doc.querySelectorAll(".jupyter-widgets.widget-vbox, .jupyter-widgets.widget-hbox, .widget-subarea").length,
+    widgets_rendered: doc.querySelectorAll(".widget-subarea").length,  // one per view the manager drew
     widget_controls: doc.querySelectorAll(".jupyter-widgets button, .jupyter-widgets input").length,
     widget_views: doc.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]').length,
   });
@@ -244,8 +244,10 @@ def page_problems(page: str, report: dict) -> list[str]:
         problems.append(f"{page}: no typeset formula (mjx-container) although the page has math")
     problems += [f"{page}: raw TeX left in the page: ...{snippet}..." for snippet in report["raw_tex"]]
     problems += [f"{page}: image did not load: {img['src']}" for img in report["images"] if not img["ok"]]
-    if report["widget_views"] and not report.get("widget_controls") and report["widget_notes"] < report["widget_views"]:
-        problems.append(f"{page}: a widget view neither rendered (no controls) nor has an offline note")
+    views = report["widget_views"]
+    if views and report.get("widgets_rendered", 0) < views and report["widget_notes"] < views:
+        problems.append(f"{page}: {views} widget views, {report.get('widgets_rendered', 0)} drawn and "
+                        f"{report['widget_notes']} with an offline note: each view needs one or the other")
     return problems
 
 

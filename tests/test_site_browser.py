@@ -90,9 +90,9 @@ def test_chapter_0_explorer_renders_offline(site):
     report = site["reports"]["notebooks/00_tour.html"]
     assert report["widget_views"] >= 1, f"expected the explorer's widget view in chapter 0, got {report['widget_views']}"
     if (browser.HTML / "_static" / "widgets" / "embed.js").is_file():
-        assert report["widgets_rendered"] >= 1 and report["widget_controls"] >= 3, (
-            f"expected the explorer drawn with its toggle buttons and caption field, got "
-            f"{report['widgets_rendered']} widget boxes and {report['widget_controls']} controls")
+        assert report["widgets_rendered"] == report["widget_views"] and report["widget_controls"] >= 3, (
+            f"expected all {report['widget_views']} widget views drawn and the explorer's toggle buttons and caption "
+            f"field, got {report['widgets_rendered']} drawn and {report['widget_controls']} controls")
     else:
         assert report["widget_notes"] == report["widget_views"], (
             f"expected a note for each of the {report['widget_views']} widget views, got {report['widget_notes']}")
