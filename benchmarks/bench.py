@@ -46,6 +46,17 @@ TARGET_PEER = 1.0  # ours at least as fast as every peer (peer / ours >= 1)
 TARGET_FLOOR = 1.5  # and within 1.5x of the floor (ours / floor <= 1.5)
 
 
+def forward_backward(fn, x0: torch.Tensor, y0: torch.Tensor):
+    """A timed closure: the loss ``fn(x, y)`` and its backward on fresh leaf copies of x0, y0; returns
+    (loss, grad of x) so that contenders can be checked equal before they are timed."""
+    def go():
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        loss = fn(x, y)
+        loss.backward()
+        return loss.detach(), x.grad
+    return go
+
+
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one warm-up call."""
     fn()
@@ -104,13 +115,8 @@ def bench_info_nce(sizes, dim: int, repeats: int, pml_max: int) -> dict:
         labels = torch.arange(b)
         tau = 0.07
 
-        def run(fn):
-            def go():
-                x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
-                loss = fn(x, y)
-                loss.backward()
-                return loss.detach(), x.grad
-            return go
+        def run(fn, x0=x0, y0=y0):
+            return forward_backward(fn, x0, y0)
 
         def ours(x, y):
             return info_nce(x, y, tau)
@@ -163,13 +169,8 @@ def bench_triplet_hardest(sizes, dim: int, repeats: int, margin: float = 0.2) ->
         x0, y0 = torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
         ids = torch.arange(b)
 
-        def run(fn):
-            def go():
-                x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
-                loss = fn(x, y)
-                loss.backward()
-                return loss.detach(), x.grad
-            return go
+        def run(fn, x0=x0, y0=y0):
+            return forward_backward(fn, x0, y0)
 
         def ours(x, y):
             sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
@@ -407,6 +408,9 @@ def main(argv=None) -> None:
         "sinkhorn": lambda: bench_sinkhorn(quick),
     }
     chosen = args.only.split(",") if args.only else list(sections)
+    unknown = [name for name in chosen if name not in sections]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown} in --only; choose from {', '.join(sections)}")
     out = {"date": datetime.date.today().isoformat(), "quick": quick, "repeats": repeats, "threads": args.threads,
            "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch thread(s)",
            "torch": torch.__version__, "versions": _versions(),
