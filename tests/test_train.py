@@ -354,3 +354,47 @@ def test_history_to_dict_roundtrip():
     _, hist = run_regression(seed=0, eval_fn=lambda m: {"s": 1.0})
     again = History(**copy.deepcopy(hist.to_dict()))
     assert again.loss == hist.loss and again.evals == hist.evals and again.seconds == hist.seconds
+
+
+# ---------------------------------------------------------------- resume only what was asked for
+def fit_again(data, ckpt, lr_factor=1.0, **overrides):
+    """The resumable run of the tests above, built afresh, with some settings changed."""
+    model, opt, sched, margin, counter, step, after = build(0)
+    for group in opt.param_groups:
+        group["lr"] *= lr_factor
+    kw = dict(epochs=3, batch_size=16, seed=11) | overrides
+    return fit(model, step, data, optimizer=opt, scheduler=sched, stateful={"margin": margin, "counter": counter},
+               after_step=after, device="cpu", progress=False, checkpoint_path=ckpt, **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(lr_factor=0.01), r"group 0 lr: 0\.005 in the checkpoint, 5e-05 now"),
+    (dict(seed=7), r"seed: 11 in the checkpoint, 7 now"),
+    (dict(batch_size=8), r"batch_size: 16 in the checkpoint, 8 now"),
+    (dict(grad_clip=1.0), r"grad_clip: None in the checkpoint, 1\.0 now"),
+])
+def test_resume_with_other_settings_raises_and_says_what_differs(tmp_path, change, match):
+    data = regression_data()
+    ckpt = tmp_path / "run.pt"
+    run_resumable(data, ckpt, model_seed=0, max_steps=6)
+    with pytest.raises(ValueError, match="other settings.*" + match):
+        fit_again(data, ckpt, **change)
+
+
+def test_training_longer_is_not_another_setting(tmp_path):
+    data = regression_data()
+    ckpt = tmp_path / "run.pt"
+    run_resumable(data, ckpt, model_seed=0, max_steps=6)
+    assert len(fit_again(data, ckpt, epochs=4).loss) == 16  # more epochs resume: 6 done + 10 more
+
+
+def test_checkpoints_load_with_weights_only_and_refuse_pickled_objects(tmp_path):
+    data = regression_data()
+    ckpt = tmp_path / "run.pt"
+    run_resumable(data, ckpt, model_seed=0, max_steps=4)
+    saved = torch.load(ckpt, weights_only=True)  # tensors and plain values only
+    assert saved["config"]["seed"] == 11 and saved["config"]["optimizer"] == "Adam"
+    saved["history"]["extra"] = DictDataset(torch.zeros(1), torch.zeros(1))  # an arbitrary Python object
+    torch.save(saved, ckpt)
+    with pytest.raises(ValueError, match="does not unpickle them"):
+        run_resumable(data, ckpt, model_seed=0)

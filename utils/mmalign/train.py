@@ -18,6 +18,7 @@ a margin schedule) are restored.
 from __future__ import annotations
 
 import copy
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -102,7 +103,12 @@ def _batches(data, order: torch.Tensor, batch_size: int, drop_last: bool, collat
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values, so a checkpoint loads with weights_only."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(internal), py_gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -110,10 +116,54 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(value):
+    """A JSON-like copy of an optimizer hyperparameter (tensors and tuples become numbers and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
+def run_fingerprint(model, optimizer, scheduler, seed: int, batch_size: int, drop_last: bool, n: int,
+                    amp: tuple, grad_clip, stateful: Mapping) -> dict:
+    """What a checkpoint must have been trained with to be resumed by this call of :func:`fit`.
+
+    The model's parameter names and shapes, the optimizer's class and hyperparameters per group
+    (as set when ``fit`` is called: learning rate, betas, weight decay, ...), the scheduler's class,
+    seed, batch size, drop_last, data size, mixed precision and gradient clipping. Not in it: the
+    number of epochs, ``max_steps`` and the evaluation/checkpoint cadence, which a resumed run may
+    change (e.g. to train longer).
+    """
+    return {
+        "model": f"{type(model).__name__}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items()),
+        "optimizer": type(optimizer).__name__,
+        **{f"group {i} {k}": _plain(v) for i, group in enumerate(optimizer.param_groups)
+           for k, v in sorted(group.items()) if k != "params"},
+        "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+        "seed": seed, "batch_size": batch_size, "drop_last": drop_last, "data size": n,
+        "amp": f"{amp[0]} {amp[1]}", "grad_clip": grad_clip, "stateful": sorted(stateful),
+    }
+
+
+def _check_fingerprint(path: Path, saved: dict | None, current: dict) -> None:
+    if saved is None:  # a checkpoint from before fingerprints: nothing to compare
+        return
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError(
+            f"checkpoint {path} was written by a run with other settings, so resuming it would silently train "
+            f"with the old ones: {'; '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}. Resume with the same "
+            "settings, or delete the file (or pass another checkpoint_path) to start a new run")
 
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -179,7 +229,16 @@ def _load_checkpoint(path: Path, device, stateful: Mapping) -> dict:
     """Read a checkpoint written by :func:`fit` and check that it holds everything this run restores."""
     fix = "delete it to start over, or pass another checkpoint_path"
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain values only, so nothing in it can run code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise ValueError(f"checkpoint {path} holds Python objects other than tensors and plain values "
+                             f"({str(err).splitlines()[0][:160]}); mmalign does not unpickle them, since loading "
+                             "them can run code. A stateful object's or scheduler's state_dict must hold tensors, "
+                             f"numbers, strings, lists and dicts only; or {fix}") from None
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated "
+                         f"or not a checkpoint of mmalign.train.fit: {fix}") from None
     except Exception as err:  # truncated, empty, not a torch file
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated "
                          f"or not a checkpoint of mmalign.train.fit: {fix}") from None
@@ -236,7 +295,9 @@ def fit(
             ``history.best`` records when they were reached.
         stateful: objects with ``state_dict``/``load_state_dict`` saved in checkpoints (queues, ...).
         after_step: ``(model, batch, step)`` called after each optimizer step (EMA updates, enqueue).
-        checkpoint_path: where to save; if the file exists, training resumes from it.
+        checkpoint_path: where to save; if the file exists, training resumes from it, provided it was
+            written with the same settings (:func:`run_fingerprint`; a mismatch raises and says what
+            differs). Checkpoints load with ``weights_only=True``.
         checkpoint_every: also save every this many steps (always at epoch ends and at ``max_steps``).
         max_steps: stop after this many steps in total (e.g. to simulate an interrupted run).
         amp: autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); default on for CUDA only;
@@ -289,8 +350,11 @@ def fit(
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+    fingerprint = run_fingerprint(model, optimizer, scheduler, seed, batch_size, drop_last, n, (amp, amp_dtype),
+                                  grad_clip, stateful)
     if checkpoint_path is not None and checkpoint_path.exists():
         ckpt = _load_checkpoint(checkpoint_path, device, stateful)
+        _check_fingerprint(checkpoint_path, ckpt.get("config"), fingerprint)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -322,6 +386,7 @@ def fit(
             "scaler": scaler.state_dict(), "stateful": {k: v.state_dict() for k, v in stateful.items()},
             "history": history.to_dict(), "best_state": best_state, "epoch": epoch,
             "step_in_epoch": step_in_epoch, "global_step": global_step, "rng": _rng_state(),
+            "config": fingerprint,
         }, tmp)
         tmp.replace(checkpoint_path)
 
