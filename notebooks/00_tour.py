@@ -113,6 +113,7 @@ same_scene = test.text_ids[:, None] == test.text_ids[None, :]
 off_diagonal = ~torch.eye(len(test.texts), dtype=torch.bool)
 print(f"MiniLM cosine, two captions of one scene:      {sim_text[same_scene & off_diagonal].mean():.3f}")
 print(f"MiniLM cosine, captions of two different scenes: {sim_text[~same_scene].mean():.3f}")
+assert sim_text[same_scene & off_diagonal].mean() > sim_text[~same_scene].mean() + 0.1
 
 # %% [markdown]
 # ## 3. Scoring retrieval: Recall@K
@@ -224,7 +225,20 @@ plt.show()
 # %% [markdown]
 # The training loss keeps falling while validation recall levels off after a few epochs: with a thousand
 # training scenes the projections start to memorise, which is why the loop keeps the best validation
-# weights. On the held-out test split:
+# weights. The cell below checks both halves of that sentence on this run's history.
+
+# %%
+steps_per_epoch = len(history.loss) // cfg.epochs
+epoch_loss = [sum(history.loss[e * steps_per_epoch:(e + 1) * steps_per_epoch]) / steps_per_epoch
+              for e in range(cfg.epochs)]
+best_epoch = history.best["epoch"]
+print(f"mean training loss: epoch 1 {epoch_loss[0]:.3f}, best epoch ({best_epoch + 1}) {epoch_loss[best_epoch]:.3f}, "
+      f"last epoch {epoch_loss[-1]:.3f}")
+assert best_epoch < cfg.epochs - 1, "validation rsum should peak before the last epoch"
+assert epoch_loss[-1] < epoch_loss[best_epoch] < epoch_loss[0], "the training loss should keep falling"
+
+# %% [markdown]
+# On the held-out test split:
 
 # %%
 after = evaluate(model, test)
@@ -236,6 +250,11 @@ live.round(1)
 assert after["i2t_R@1"] > 20 * chance["i2t_R@1"] and after["t2i_R@1"] > 20 * chance["t2i_R@1"]
 assert after["i2t_R@10"] > 50 and after["t2i_R@10"] > 50
 assert before["rsum"] < 5 * chance["rsum"], "an untrained projection should be near chance"
+# no two scores tie in the trained space, so the library's rule and the lab's rule give the same recall
+with torch.no_grad():
+    sim_trained = similarity(model.encode_texts(test.text), model.encode_images(test.image))
+positive_score = sim_trained[torch.arange(len(test.texts)), test.text_ids]
+assert int((sim_trained == positive_score[:, None]).sum()) == len(test.texts), "a score ties with a positive"
 
 # %% [markdown]
 # ### Reference numbers (full profile)
@@ -252,6 +271,13 @@ print(f"profile={reference['profile']}  date={reference['date']}  seed={referenc
       f"sizes={reference['sizes']}\nmachine: {reference['machine']}  ({reference['seconds']} s)")
 pd.DataFrame(reference["table"]).T.round(1)
 
+# %%
+# The same claims on the reference run: chance for the random projection, far above it once trained.
+ref = reference["table"]
+assert ref["random projection"]["rsum"] < 5 * ref["chance"]["rsum"]
+assert ref["InfoNCE (trained)"]["i2t_R@1"] > 20 * ref["chance"]["i2t_R@1"]
+assert ref["InfoNCE (trained)"]["t2i_R@1"] > 20 * ref["chance"]["t2i_R@1"]
+
 # %% [markdown]
 # ## 5. Looking inside the aligned space
 #
@@ -265,12 +291,16 @@ idx = torch.arange(8)
 first_caption = idx * k_captions
 labels = [test.texts[int(j)][:32] for j in first_caption]
 fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+diagonal_lead = {}  # mean similarity of the true pairs minus that of the wrong pairs
 for ax, (name, m) in zip(axes, [("random projection", untrained), ("after InfoNCE", model)]):
     with torch.no_grad():
         sim = similarity(m.encode_images(test.image[idx]), m.encode_texts(test.text[first_caption]))
     similarity_heatmap(sim, [f"image {int(i)}" for i in idx], labels, title=name, ax=ax)
+    diagonal_lead[name] = float(sim.diagonal().mean() - sim[~torch.eye(len(idx), dtype=torch.bool)].mean())
 fig.tight_layout()
 plt.show()
+print({name: round(v, 3) for name, v in diagonal_lead.items()})
+assert diagonal_lead["after InfoNCE"] > 0.3 and abs(diagonal_lead["random projection"]) < 0.1
 
 # %% [markdown]
 # **Retrieval grid.** For a few captions, the five closest images (a green frame marks the right one),

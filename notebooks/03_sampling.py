@@ -106,9 +106,13 @@ for miner in ("random", "hardest", "semi-hard"):
     rows[f"{miner}: gap"] = sim_demo.diagonal() - sim_demo.gather(1, neg_i)[:, 0]
 pd.DataFrame({k: v.numpy() for k, v in rows.items()}).round(3).rename_axis("image anchor")
 
+# %%
+assert all(bool((rows[f"{miner}: gap"] < MARGIN).all()) for miner in ("random", "hardest", "semi-hard"))
+assert bool((rows["hardest: gap"] <= torch.minimum(rows["random: gap"], rows["semi-hard: gap"]) + 1e-6).all())
+
 # %% [markdown]
-# Before training the gaps are close to zero or negative: nearly every triplet violates the margin, whatever
-# the miner. The hardest negative always has the smallest gap of the row.
+# Before training the gaps are close to zero or negative: every triplet of this batch violates the margin,
+# whatever the miner. The hardest negative always has the smallest gap of the row.
 #
 # ## 2. Same budget, five samplers
 #
@@ -196,7 +200,7 @@ pd.DataFrame({name: {"violating at start (%)": 100 * float((s < MARGIN).float().
 
 # %% [markdown]
 # At the start every miner sees gaps around zero. At the end the random negatives sit far to the right of
-# the margin: they are solved and give no gradient. The hardest negatives still straddle the margin, and
+# the margin: they are solved and give no gradient. Most of the hardest negatives are still inside it, and
 # the semi-hard ones sit, by construction, inside the window $(0, m)$ wherever one exists.
 #
 # ## 4. Batch size against $k$
@@ -231,8 +235,9 @@ plt.show()
 # Read the table above along a row to see $k$ at a fixed batch size, and down a column for the batch size.
 # Two effects mix: a larger batch offers harder negatives, but at a fixed number of epochs it also takes
 # fewer optimizer steps. Neighbouring cells differ by a few rsum points, which is within the noise of a run
-# this small, so we do not assert an ordering. In the full-profile reference table below, $k=1$ is best at
-# the smallest batch and $k=10$ at the largest: $k$ should grow with $B$.
+# this small, so we do not assert an ordering on them. In the full-profile reference table below, $k=1$ and
+# $k=3$ are level at the smallest batch, where $k=10$ trails, and $k=10$ is best by far at the largest:
+# $k$ should grow with $B$.
 #
 # ## 5. Why the hardest negatives can collapse early training
 #
@@ -257,6 +262,7 @@ for name in ("random", "hardest k=1", "semi-hard"):
                                       desc=f"collapse {name}")
     collapse_runs[name] = h
     collapse_live[name] = {"image cosine, last 10 steps": sampling.mean_over(h.metrics["image_cosine"], False, 10),
+                           "violating, last 10 steps (%)": 100 * sampling.mean_over(h.metrics["violating"], False, 10),
                            "test rsum": sampling.evaluate(model, test)["rsum"]}
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
@@ -274,7 +280,8 @@ pd.DataFrame(collapse_live).T.round(2)
 # %% [markdown]
 # With the hardest negatives the image embeddings fold together within a few dozen steps and nearly every
 # triplet keeps violating the margin (all similarities near one another, loss near $m$); with semi-hard
-# negatives the same heads and learning rate spread out and learn. VSE++ avoids the trap differently: it
+# negatives the same heads and learning rate spread out and learn. (Semi-hard triplets violate the margin
+# too, by construction: they are chosen inside it.) VSE++ avoids the trap differently: it
 # starts from pretrained features and a moderate learning rate, which is the setting of section 2, and
 # FaceNet uses large batches so that semi-hard negatives exist for most anchors.
 #
@@ -292,24 +299,36 @@ chance_r1 = {"i2t": 100 * chance_recall(len(test.texts), test.world.captions_per
              "t2i": 100 * chance_recall(len(test.world), 1, 1)}
 for name, row in live.items():  # every sampler learns, far above chance
     assert row["i2t_R@1"] > 10 * chance_r1["i2t"] and row["t2i_R@1"] > 10 * chance_r1["t2i"], name
-# at the same budget, random negatives trail every mined strategy
-assert live["random"]["rsum"] < min(row["rsum"] for name, row in live.items() if name != "random")
-# "not enough violation": random negatives are mostly solved, the hardest keep violating
-assert live["random"]["violating, last epoch (%)"] < 25
-assert live["hardest k=1"]["violating, last epoch (%)"] > 2 * live["random"]["violating, last epoch (%)"]
-assert live["hardest k=1"]["violating, last epoch (%)"] > live["hardest k=10"]["violating, last epoch (%)"]
-# at the start most mined triplets violate the margin, whatever the miner; at the end the random ones do not
+# at the same budget, random negatives trail every mined strategy (by more than the few points of noise)
+assert live["random"]["rsum"] < min(row["rsum"] for name, row in live.items() if name != "random") - 10
+# "not enough violation": random negatives are mostly solved within the first epoch, the hardest keep
+# violating for most anchors, and the fraction falls as k grows, towards the random miner's
+violating_last = {name: row["violating, last epoch (%)"] for name, row in live.items()}
+assert live["random"]["violating, epoch 1 (%)"] < 0.5 * live["hardest k=1"]["violating, epoch 1 (%)"]
+assert violating_last["random"] < 25 and violating_last["hardest k=1"] > 50
+assert (violating_last["hardest k=1"] > violating_last["hardest k=3"] > violating_last["hardest k=10"]
+        > violating_last["random"]), violating_last
+# at the start most mined triplets violate the margin, whatever the miner; at the end the random ones do
+# not, and most of the hardest ones still do
 assert all(float((start < MARGIN).float().mean()) > 0.5 for start, _ in gaps.values())
 assert float((gaps["random"][1] < MARGIN).float().mean()) < 0.5
-# the hardest negatives collapse the MLP heads early; semi-hard negatives do not
+assert float((gaps["hardest k=1"][1] < MARGIN).float().mean()) > 0.5
+# the hardest negatives collapse the MLP heads early and keep violating; semi-hard negatives do not collapse and learn
 assert collapse_live["hardest k=1"]["image cosine, last 10 steps"] > 0.5
+assert collapse_live["hardest k=1"]["violating, last 10 steps (%)"] > 90
 assert collapse_live["semi-hard"]["image cosine, last 10 steps"] < 0.3
+assert collapse_live["semi-hard"]["test rsum"] > collapse_live["hardest k=1"]["test rsum"] + 50
+assert collapse_live["semi-hard"]["violating, last 10 steps (%)"] > 50  # inside the margin by construction
 
 # %% [markdown]
 # ### Reference numbers (full profile)
 #
 # The tables above are this run's (your profile). `make results CHAPTER=03` runs the same experiment in
-# the **full** profile and writes `results/03_sampling.json`:
+# the **full** profile and writes `results/03_sampling.json`. Run again on a machine of the same kind it
+# gives the same file, number for number: the run is seeded and the frozen features are encoded on a
+# fixed number of threads (`MMALIGN_ENCODE_THREADS`). Change that number, or the machine, and the features
+# differ in their last bits; that alone moves single rows of this one-seed table by a few rsum points,
+# which is why the chapter orders no two rows closer than that.
 
 # %%
 from mmalign.experiments import load_results
@@ -325,6 +344,26 @@ pd.DataFrame(reference["batch_vs_k"]).T.round(1)
 
 # %%
 pd.DataFrame(reference["collapse"]).T.round(2)
+
+# %%
+# The chapter's claims, checked on the reference run too.
+ref, ref_sweep, ref_collapse = reference["table"], reference["batch_vs_k"], reference["collapse"]
+assert ref["random"]["rsum"] < min(row["rsum"] for name, row in ref.items() if name != "random") - 10
+ref_violating = {name: row["violating, last epoch (%)"] for name, row in ref.items()}
+assert ref["random"]["violating, epoch 1 (%)"] < 0.5 * ref["hardest k=1"]["violating, epoch 1 (%)"]
+assert ref_violating["random"] < 25 and ref_violating["hardest k=1"] > 50
+assert (ref_violating["hardest k=1"] > ref_violating["hardest k=3"] > ref_violating["hardest k=10"]
+        > ref_violating["random"]), ref_violating
+# batch size against k: k=1 and k=3 level at the smallest batch, k=10 trailing; k=10 best by far at the largest
+ref_batch_sizes = reference["budgets"]["sweep_batch_sizes"]
+smallest, largest = f"B={min(ref_batch_sizes)}", f"B={max(ref_batch_sizes)}"
+assert abs(ref_sweep[smallest]["k=1"] - ref_sweep[smallest]["k=3"]) < 5
+assert ref_sweep[smallest]["k=10"] < min(ref_sweep[smallest]["k=1"], ref_sweep[smallest]["k=3"]) - 5
+assert ref_sweep[largest]["k=10"] > max(ref_sweep[largest]["k=1"], ref_sweep[largest]["k=3"]) + 10
+# collapse of the MLP heads with the hardest negatives, not with semi-hard ones
+assert ref_collapse["hardest k=1"]["image cosine, last 10 steps"] > 0.5
+assert ref_collapse["semi-hard"]["image cosine, last 10 steps"] < 0.3
+assert ref_collapse["semi-hard"]["test rsum"] > ref_collapse["hardest k=1"]["test rsum"] + 50
 
 # %% [markdown]
 # ## Takeaways
