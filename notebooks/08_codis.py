@@ -67,12 +67,9 @@ print(f"profile={cfg.profile}  device={cfg.device}  train/val/test scenes={cfg.n
 from mmalign.experiments import codis as chapter
 from mmalign.plots import results_table_html
 
+from mmalign.experiments.seeds import mean_std_frame
+
 cols = list(chapter.COLUMNS)
-
-
-def with_spread(means, stds):
-    """Rows of 'mean ± std' strings for a table of runs over seeds."""
-    return {n: {c: f"{means[n][c]:.1f} ± {stds[n][c]:.1f}" for c in cols} for n in means}
 
 
 train, val, test, vocab = chapter.load(cfg)
@@ -132,7 +129,7 @@ from mmalign.experiments import load_results
 reference = load_results("08")
 print(f"profile={reference['profile']}  date={reference['date']}  seeds={reference['budget']['seeds']}  "
       f"({reference['seconds']} s)\nmachine: {reference['machine']}")
-display(pd.DataFrame(with_spread(reference["noise_table"], reference["noise_std"])).T)
+display(mean_std_frame(reference["noise_table"], reference["noise_std"], cols))
 
 # %%
 noise_rows = list(reference["noise_table"])
@@ -264,7 +261,7 @@ assert full_live["rsum"] > a_live["rsum"], "full CODIS should beat the cross-onl
 # The reference table (full profile, mean ± spread over seeds; the spread is the standard deviation):
 
 # %%
-display(pd.DataFrame(with_spread(reference["table"], reference["table_std"])).T)
+display(mean_std_frame(reference["table"], reference["table_std"], cols))
 ref, sd = reference["table"], reference["table_std"]
 
 
