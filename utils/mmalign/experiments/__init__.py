@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config, results_dir
+from ..data.cache import atomic_write_text
 
 CHAPTERS = {"00": "tour", "01": "dual_encoders", "02": "loss_zoo", "03": "sampling", "04": "memory",
             "05": "depth", "06": "languages", "07": "lightcrl", "08": "codis", "09": "scaling"}
@@ -50,7 +51,7 @@ def write_results(chapter: str, result: dict, cfg: Config, seconds: float) -> Pa
         "seconds": round(seconds, 1), **result,
     }
     path = results_path(chapter)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")  # never half a file
     return path
 
 
