@@ -119,7 +119,7 @@ def bench_info_nce(sizes, dim: int, repeats: int, pml_max: int) -> dict:
             return forward_backward(fn, x0, y0)
 
         def ours(x, y):
-            return info_nce(x, y, tau)
+            return info_nce(x, y, temperature=tau)
 
         def floor(x, y):
             logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T / tau
@@ -174,8 +174,8 @@ def bench_triplet_hardest(sizes, dim: int, repeats: int, margin: float = 0.2) ->
 
         def ours(x, y):
             sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
-            neg_i, neg_t = hardest_negatives(sim.detach(), ids, ids, k=1)
-            return triplet_loss(sim, neg_i, neg_t, margin)
+            neg_i, neg_t = hardest_negatives(sim.detach(), ids=ids, k=1)
+            return triplet_loss(sim, neg_i, neg_t, margin=margin)
 
         def floor(x, y):
             sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.losses import contrastive_loss, info_nce, mms_loss, triplet_loss
-from mmalign.losses.info_nce import similarity
+from mmalign.retrieval import similarity
 from mmalign.miners import hardest_negatives, semi_hard_negatives
 
 

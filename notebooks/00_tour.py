@@ -205,7 +205,7 @@ from mmalign.train import fit
 def info_nce_step(model, batch):
     image_features, caption_features, scene_ids = batch
     z_image, z_text = model(image_features, caption_features)
-    return info_nce(z_image, z_text, temperature=0.07, labels_a=scene_ids, labels_b=scene_ids)
+    return info_nce(z_image, z_text, temperature=0.07, ids=scene_ids)
 
 
 seed_everything(cfg.seed)

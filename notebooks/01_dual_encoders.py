@@ -187,7 +187,7 @@ from mmalign.losses import cosine_embedding_loss, make_signed_pairs
 
 toy_ids = torch.tensor([0, 0, 1, 2, 2, 3])  # scene of each (image, caption) pair in the batch
 ia, ib, target = make_signed_pairs(6, negatives_per_positive=2, generator=torch.Generator().manual_seed(0),
-                                   item_ids=toy_ids)
+                                   ids=toy_ids)
 pairs = pd.DataFrame({"image row": ia, "caption column": ib, "label": target.long(),
                       "scenes": [f"{int(toy_ids[i])} vs {int(toy_ids[j])}" for i, j in zip(ia, ib)]})
 pairs.T

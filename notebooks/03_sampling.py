@@ -90,7 +90,7 @@ print(f"{len(train.texts)} training pairs, {len(test.world)} test images, {len(t
 
 # %%
 from mmalign.experiments.sampling import MARGIN, mine
-from mmalign.losses import similarity
+from mmalign.retrieval import similarity
 from mmalign.recipes import make_dual_encoder
 
 seed_everything(cfg.seed)

@@ -93,7 +93,7 @@ budget
 # What does the memory pick? On one batch, with the untrained heads:
 
 # %%
-from mmalign.losses import similarity
+from mmalign.retrieval import similarity
 from mmalign.memory import HardNegativeMemory
 from mmalign.recipes import make_dual_encoder
 
@@ -102,7 +102,7 @@ untrained = make_dual_encoder(train, cfg.embed_dim, budget["hidden_dim"])
 img, txt, ids = (t[: budget["batch_size"]] for t in train.pairs())
 with torch.no_grad():
     sim = similarity(*untrained(img, txt))
-rows = HardNegativeMemory.select_violators(sim, k=1, margin=chapter.MARGIN, row_ids=ids, col_ids=ids)
+rows = HardNegativeMemory.select_violators(sim, k=1, margin=chapter.MARGIN, ids=ids)
 print(f"batch of {len(ids)} pairs: {len(rows)} distinct images are some caption's worst violator")
 print("stored rows, mildest first:", rows.tolist())
 

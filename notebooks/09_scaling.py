@@ -186,7 +186,7 @@ plt.show()
 # float32's range (no overflow below 88.7) but only 7 mantissa bits, so its logits are coarse.
 #
 # The course's rule: **logits in float32, and log-softmax (logsumexp), never a hand-written exp/sum.**
-# `mmalign.losses.similarity` turns autocast off and upcasts, so every loss built on it gets float32 logits
+# `mmalign.retrieval.similarity` turns autocast off and upcasts, so every loss built on it gets float32 logits
 # even inside an autocast region. The table: one batch of 64 aligned pairs (positive cosine about 0.6),
 # the logits kept in each dtype, and the error of the log-softmax loss against float64 (for `info_nce`, the
 # symmetric loss against its own float64 value).

@@ -78,7 +78,7 @@ assert math.isclose(float(my_cosine_embedding_loss(a, b, y, margin=0.5)), (1 / m
 x1, x2 = torch.randn(20, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
 t = torch.where(torch.rand(20) < 0.5, 1.0, -1.0).double()
 for m in (-0.2, 0.0, 0.3):
-    assert torch.allclose(my_cosine_embedding_loss(x1, x2, t, m), cosine_embedding_loss(x1, x2, t, m), atol=1e-10), f"expected {cosine_embedding_loss(x1, x2, t, m)}, got {my_cosine_embedding_loss(x1, x2, t, m)}"
+    assert torch.allclose(my_cosine_embedding_loss(x1, x2, t, m), cosine_embedding_loss(x1, x2, t, margin=m), atol=1e-10), f"expected {cosine_embedding_loss(x1, x2, t, margin=m)}, got {my_cosine_embedding_loss(x1, x2, t, m)}"
 ### BEGIN HIDDEN TESTS
 assert torch.allclose(my_cosine_embedding_loss(x1, x2, t, 0.1),
                       torch.nn.CosineEmbeddingLoss(margin=0.1)(x1, x2, t), atol=1e-10), f"expected {torch.nn.CosineEmbeddingLoss(margin=0.1)(x1, x2, t)}, got {my_cosine_embedding_loss(x1, x2, t, 0.1)}"
@@ -90,7 +90,7 @@ else:
     raise AssertionError("0/1 labels should raise ValueError")
 x1.requires_grad_(True)
 g_mine, = torch.autograd.grad(my_cosine_embedding_loss(x1, x2, t, 0.2), x1)
-g_ref, = torch.autograd.grad(cosine_embedding_loss(x1, x2, t, 0.2), x1)
+g_ref, = torch.autograd.grad(cosine_embedding_loss(x1, x2, t, margin=0.2), x1)
 assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 
@@ -193,7 +193,7 @@ generator = torch.Generator().manual_seed(0)
 
 
 def my_pair_loss(z_image, z_text, scene_ids):
-    ia, ib, target = make_signed_pairs(len(scene_ids), 8, generator=generator, item_ids=scene_ids)
+    ia, ib, target = make_signed_pairs(len(scene_ids), negatives_per_positive=8, generator=generator, ids=scene_ids)
     return my_cosine_embedding_loss(z_image[ia], z_text[ib], target, margin=0.3)
 
 

@@ -40,7 +40,7 @@ seed_everything(0)
 # ## 1. The adaptive mean margin
 #
 # $S$ is the $(B, B)$ cosine similarity matrix of a paired batch (rows images, columns captions, true pairs
-# on the diagonal) and `item_ids` says which rows and columns show the same scene. The **negatives** of
+# on the diagonal) and `ids` (item ids) says which rows and columns show the same scene. The **negatives** of
 # image $i$ are the columns of *other* scenes, $N_i = \{j : \mathrm{id}_j \ne \mathrm{id}_i\}$; those of
 # caption $j$ are the rows of other scenes. Monfort et al. (2021) set each anchor's margin to a fraction
 # $\alpha$ of how far its positive stands above its average negative:
@@ -55,11 +55,11 @@ seed_everything(0)
 # mask of negatives and sums along rows and columns do it.
 
 # %% nbgrader={"grade": false, "grade_id": "amm_impl", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def my_adaptive_margin(sim: torch.Tensor, item_ids: torch.Tensor, alpha: float = 0.5):
+def my_adaptive_margin(sim: torch.Tensor, ids: torch.Tensor, alpha: float = 0.5):
     """(B, B) cosines, (B,) ids -> (m_img (B,), m_txt (B,)): adaptive mean margins, detached."""
     ### BEGIN SOLUTION
     sim = sim.detach()
-    neg = item_ids[:, None] != item_ids[None, :]
+    neg = ids[:, None] != ids[None, :]
     n_row, n_col = neg.sum(1), neg.sum(0)
     mean_row = (sim * neg).sum(1) / n_row.clamp(min=1)
     mean_col = (sim * neg).sum(0) / n_col.clamp(min=1)
@@ -91,10 +91,10 @@ assert torch.allclose(m_txt, torch.tensor([0.5 * (0.9 - 0.2), 0.4, 0.5 * (0.7 - 
 a, b = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 6, dtype=torch.float64)
 ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8])
 sim = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-for mine, ref in zip(my_adaptive_margin(sim, ids, 0.5), AdaptiveMargin(0.5)(a, b, ids)):
+for mine, ref in zip(my_adaptive_margin(sim, ids, 0.5), AdaptiveMargin(0.5)(a, b, ids=ids)):
     assert torch.allclose(mine, ref, atol=1e-12), f"expected {ref}, got {mine}"
 ### BEGIN HIDDEN TESTS
-for mine, ref in zip(my_adaptive_margin(sim, ids, 1.3), AdaptiveMargin(1.3)(a, b, ids)):
+for mine, ref in zip(my_adaptive_margin(sim, ids, 1.3), AdaptiveMargin(1.3)(a, b, ids=ids)):
     assert torch.allclose(mine, ref, atol=1e-12), f"expected {ref}, got {mine}"
 same = torch.zeros(4, dtype=torch.long)
 for m in my_adaptive_margin(torch.rand(4, 4, dtype=torch.float64), same, 0.5):
@@ -122,13 +122,13 @@ assert not any(m.requires_grad for m in my_adaptive_margin(sim_g, ids, 0.5)), f"
 # `F.cross_entropy` with targets `arange(B)`, which is a stable log-softmax.
 
 # %% nbgrader={"grade": false, "grade_id": "mms_impl", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def my_mms(sim: torch.Tensor, margins, temperature: float, item_ids: torch.Tensor) -> torch.Tensor:
+def my_mms(sim: torch.Tensor, margins, temperature: float, ids: torch.Tensor) -> torch.Tensor:
     """Symmetric masked margin softmax: (B, B) cosines, (m_img, m_txt) two (B,) margins -> scalar."""
     ### BEGIN SOLUTION
     m_img, m_txt = margins
     n = sim.shape[0]
     eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    masked = (item_ids[:, None] == item_ids[None, :]) & ~eye
+    masked = (ids[:, None] == ids[None, :]) & ~eye
     target = torch.arange(n, device=sim.device)
     logits_it = ((sim - torch.diag(m_img)) / temperature).masked_fill(masked, float("-inf"))
     logits_ti = ((sim.T - torch.diag(m_txt)) / temperature).masked_fill(masked.T, float("-inf"))
@@ -154,20 +154,20 @@ assert math.isclose(float(my_mms(torch.eye(2, dtype=torch.float64), (half, half)
 half3 = torch.full((3,), 0.5, dtype=torch.float64)
 expected3 = (2 * math.log(1 + math.exp(-0.5)) + math.log(1 + 2 * math.exp(-0.5))) / 3
 assert math.isclose(float(my_mms(torch.eye(3, dtype=torch.float64), (half3, half3), 1.0, ids3)), expected3, rel_tol=1e-9), f"expected {expected3}, got {float(my_mms(torch.eye(3, dtype=torch.float64), (half3, half3), 1.0, ids3))}"
-margins = AdaptiveMargin(0.5)(a, b, ids)
-assert torch.allclose(my_mms(sim, margins, 0.07, ids), mms_loss(a, b, margins, 0.07, item_ids=ids), atol=1e-10), f"expected {mms_loss(a, b, margins, 0.07, item_ids=ids)}, got {my_mms(sim, margins, 0.07, ids)}"
+margins = AdaptiveMargin(0.5)(a, b, ids=ids)
+assert torch.allclose(my_mms(sim, margins, 0.07, ids), mms_loss(a, b, temperature=0.07, margin=margins, ids=ids), atol=1e-10), f"expected {mms_loss(a, b, temperature=0.07, margin=margins, ids=ids)}, got {my_mms(sim, margins, 0.07, ids)}"
 zero = torch.zeros(12, dtype=torch.float64)
-assert torch.allclose(my_mms(sim, (zero, zero), 0.1, torch.arange(12)), info_nce(a, b, 0.1), atol=1e-10), f"expected {info_nce(a, b, 0.1)}, got {my_mms(sim, (zero, zero), 0.1, torch.arange(12))}"
+assert torch.allclose(my_mms(sim, (zero, zero), 0.1, torch.arange(12)), info_nce(a, b, temperature=0.1), atol=1e-10), f"expected {info_nce(a, b, temperature=0.1)}, got {my_mms(sim, (zero, zero), 0.1, torch.arange(12))}"
 ### BEGIN HIDDEN TESTS
 assert torch.isfinite(my_mms(sim, margins, 0.01, ids)), f"use a stable log-softmax: expected a finite loss at tau = 0.01, got {my_mms(sim, margins, 0.01, ids)}"
-assert torch.allclose(my_mms(sim, margins, 0.01, ids), mms_loss(a, b, margins, 0.01, item_ids=ids), atol=1e-8), f"expected {mms_loss(a, b, margins, 0.01, item_ids=ids)}, got {my_mms(sim, margins, 0.01, ids)}"
+assert torch.allclose(my_mms(sim, margins, 0.01, ids), mms_loss(a, b, temperature=0.01, margin=margins, ids=ids), atol=1e-8), f"expected {mms_loss(a, b, temperature=0.01, margin=margins, ids=ids)}, got {my_mms(sim, margins, 0.01, ids)}"
 a_g = a.clone().requires_grad_(True)
 sim_g = F.normalize(a_g, dim=-1) @ F.normalize(b, dim=-1).T
 g_mine, = torch.autograd.grad(my_mms(sim_g, margins, 0.2, ids), a_g)
-g_ref, = torch.autograd.grad(mms_loss(a_g, b, margins, 0.2, item_ids=ids), a_g)
+g_ref, = torch.autograd.grad(mms_loss(a_g, b, temperature=0.2, margin=margins, ids=ids), a_g)
 assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 m_ab, m_ba = torch.rand(12, dtype=torch.float64), torch.rand(12, dtype=torch.float64)
-assert torch.allclose(my_mms(sim, (m_ab, m_ba), 0.3, ids), mms_loss(a, b, (m_ab, m_ba), 0.3, item_ids=ids), atol=1e-10), f"expected {mms_loss(a, b, (m_ab, m_ba), 0.3, item_ids=ids)}, got {my_mms(sim, (m_ab, m_ba), 0.3, ids)}"
+assert torch.allclose(my_mms(sim, (m_ab, m_ba), 0.3, ids), mms_loss(a, b, temperature=0.3, margin=(m_ab, m_ba), ids=ids), atol=1e-10), f"expected {mms_loss(a, b, temperature=0.3, margin=(m_ab, m_ba), ids=ids)}, got {my_mms(sim, (m_ab, m_ba), 0.3, ids)}"
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -180,7 +180,7 @@ assert torch.allclose(my_mms(sim, (m_ab, m_ba), 0.3, ids), mms_loss(a, b, (m_ab,
 
 # %%
 from mmalign.data.features import scene_features
-from mmalign.losses import similarity
+from mmalign.retrieval import similarity
 from mmalign.recipes import evaluate, train_dual_encoder
 from mmalign.retrieval import chance_recall
 

@@ -93,14 +93,14 @@ gen = torch.Generator().manual_seed(0)
 for trial in range(5):  # random batches where some pairs share a scene
     sim = torch.rand(16, 16, generator=gen) * 2 - 1
     ids = torch.randint(0, 10, (16,), generator=gen)
-    ref_i, ref_t = semi_hard_negatives(sim, ids, ids, margin=0.3, k=1)
+    ref_i, ref_t = semi_hard_negatives(sim, margin=0.3, ids=ids, k=1)
     mine_i, mine_t = my_semi_hard(sim, ids, margin=0.3)
     assert torch.equal(mine_i, ref_i[:, 0]) and torch.equal(mine_t, ref_t[:, 0]), f"trial {trial}: expected {ref_i[:, 0]} and {ref_t[:, 0]}, got {mine_i} and {mine_t}"
 ### BEGIN HIDDEN TESTS
 # strict window: a negative exactly at s_pos or exactly at s_pos - m is not semi-hard
 edge = torch.tensor([[0.5, 0.5, 0.25], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]], dtype=torch.float64)
 e_i, _ = my_semi_hard(edge, torch.arange(3), margin=0.25)
-r_i, _ = semi_hard_negatives(edge, torch.arange(3), torch.arange(3), margin=0.25)
+r_i, _ = semi_hard_negatives(edge, margin=0.25, ids=torch.arange(3))
 assert e_i.tolist() == r_i[:, 0].tolist() == [1, 0, 0], f"expected {[1, 0, 0]}, got {e_i.tolist()}"
 # no valid negative at all: -1
 same = torch.zeros(4, dtype=torch.long)
@@ -111,7 +111,7 @@ for trial in range(20):
     sim = torch.randn(24, 24, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 12, (24,), generator=gen)
     for m in (0.05, 0.5, 2.0):
-        ref_i, ref_t = semi_hard_negatives(sim, ids, ids, margin=m, k=1)
+        ref_i, ref_t = semi_hard_negatives(sim, margin=m, ids=ids, k=1)
         mine_i, mine_t = my_semi_hard(sim, ids, margin=m)
         assert torch.equal(mine_i, ref_i[:, 0]) and torch.equal(mine_t, ref_t[:, 0]), f"expected {ref_i[:, 0]} and {ref_t[:, 0]}, got {mine_i} and {mine_t}"
 ### END HIDDEN TESTS
@@ -126,7 +126,8 @@ for trial in range(20):
 
 # %%
 from mmalign.data.features import scene_features
-from mmalign.losses import similarity, triplet_loss
+from mmalign.losses import triplet_loss
+from mmalign.retrieval import similarity
 from mmalign.recipes import evaluate, make_dual_encoder
 from mmalign.retrieval import chance_recall
 from mmalign.train import fit

@@ -207,8 +207,10 @@ def moco_step(model, batch):
     with torch.no_grad():
         k_img, k_txt = key_model(img, txt)
     stash["keys"] = (k_img, k_txt, ids)
-    loss_i2t = moco_loss(q_img, k_txt, torch.cat([k_txt, queue_txt.keys]), 0.07, ids, torch.cat([ids, queue_txt.ids]))
-    loss_t2i = moco_loss(q_txt, k_img, torch.cat([k_img, queue_img.keys]), 0.07, ids, torch.cat([ids, queue_img.ids]))
+    loss_i2t = moco_loss(q_img, k_txt, torch.cat([k_txt, queue_txt.keys]), temperature=0.07,
+                         ids=(ids, torch.cat([ids, queue_txt.ids])))
+    loss_t2i = moco_loss(q_txt, k_img, torch.cat([k_img, queue_img.keys]), temperature=0.07,
+                         ids=(ids, torch.cat([ids, queue_img.ids])))
     return 0.5 * (loss_i2t + loss_t2i)
 
 

@@ -48,7 +48,7 @@ torch.set_num_threads(cfg.num_threads or 1)  # small linear heads: one thread is
 # `ids` is optional: when given, a (B,) tensor of scene ids, rows with equal ids are positives of each
 # other in **both** terms (a training batch holds one row per caption, so an image and its depth view
 # repeat when two captions of one scene land in the same batch). Pass it to `info_nce` as
-# `labels_a=ids, labels_b=ids`. A negative $\lambda$ makes no sense: raise a `ValueError`.
+# `ids=ids`. A negative $\lambda$ makes no sense: raise a `ValueError`.
 
 # %% nbgrader={"grade": false, "grade_id": "aug_view_impl", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def my_depth_view_loss(img: torch.Tensor, txt: torch.Tensor, depth: torch.Tensor, temperature: float = 0.07,
@@ -57,8 +57,8 @@ def my_depth_view_loss(img: torch.Tensor, txt: torch.Tensor, depth: torch.Tensor
     ### BEGIN SOLUTION
     if weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
-    pair = info_nce(img, txt, temperature, labels_a=ids, labels_b=ids)
-    view = info_nce(img, depth, temperature, labels_a=ids, labels_b=ids)
+    pair = info_nce(img, txt, temperature=temperature, ids=ids)
+    view = info_nce(img, depth, temperature=temperature, ids=ids)
     return pair + weight * view
     ### END SOLUTION
 
@@ -76,7 +76,7 @@ for lam in (0.0, 0.5, 2.0):
     assert math.isclose(float(my_depth_view_loss(eye, eye, eye, 1.0, lam)), (1 + lam) * math.log(1 + math.exp(-1)),
                         rel_tol=1e-9), f"expected {(1 + lam) * math.log(1 + math.exp(-1))}, got {float(my_depth_view_loss(eye, eye, eye, 1.0, lam))}"
 a, b, c = (torch.randn(16, 8, dtype=torch.float64) for _ in range(3))
-assert torch.allclose(my_depth_view_loss(a, b, c, 0.1, 0.7), depth_augmented_view_loss(a, b, c, 0.1, 0.7), atol=1e-10), f"expected {depth_augmented_view_loss(a, b, c, 0.1, 0.7)}, got {my_depth_view_loss(a, b, c, 0.1, 0.7)}"
+assert torch.allclose(my_depth_view_loss(a, b, c, 0.1, 0.7), depth_augmented_view_loss(a, b, c, temperature=0.1, weight=0.7), atol=1e-10), f"expected {depth_augmented_view_loss(a, b, c, temperature=0.1, weight=0.7)}, got {my_depth_view_loss(a, b, c, 0.1, 0.7)}"
 ### BEGIN HIDDEN TESTS
 try:
     my_depth_view_loss(a, b, c, 0.1, -1.0)
@@ -103,12 +103,13 @@ ids = torch.tensor([0, 0, 1, 2, 3, 3])
 img = torch.randn(4, 8, dtype=torch.float64)[ids]
 dep = torch.randn(4, 8, dtype=torch.float64)[ids]
 txt = torch.randn(6, 8, dtype=torch.float64)
-ref = depth_augmented_view_loss(img, txt, dep, 0.2, 1.5, pair_loss=labelled_info_nce(ids))
+ref = depth_augmented_view_loss(img, txt, dep, temperature=0.2, weight=1.5, pair_loss=labelled_info_nce(ids))
 assert torch.allclose(my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids), ref, atol=1e-10), f"expected {ref}, got {my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids)}"
 ### BEGIN HIDDEN TESTS
 txt.requires_grad_(True)
 g_mine, = torch.autograd.grad(my_depth_view_loss(img, txt, dep, 0.2, 1.5, ids), txt)
-g_ref, = torch.autograd.grad(depth_augmented_view_loss(img, txt, dep, 0.2, 1.5, pair_loss=labelled_info_nce(ids)), txt)
+g_ref, = torch.autograd.grad(depth_augmented_view_loss(img, txt, dep, temperature=0.2, weight=1.5,
+                                                      pair_loss=labelled_info_nce(ids)), txt)
 assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 

@@ -46,7 +46,7 @@ torch.set_num_threads(cfg.num_threads or 1)
 # ## 1. The loss
 #
 # `views` is a list of $V \ge 2$ tensors of shape $(B, D)$. `ids`, when given, is a $(B,)$ tensor of scene
-# ids: pass it to every InfoNCE term as `labels_a=ids, labels_b=ids` (captions of one scene are positives of
+# ids: pass it to every InfoNCE term as `ids=ids` (captions of one scene are positives of
 # each other). Raise a `ValueError` when there are fewer than two views. No Python loop over the batch is
 # needed; a loop over the $V$ views is fine.
 
@@ -60,7 +60,7 @@ def my_others_anchor_loss(views: list[torch.Tensor], temperature: float = 0.07,
     stacked = torch.stack(list(views))  # (V, B, D)
     total = stacked.sum(0)
     V = len(views)
-    terms = [info_nce((total - stacked[v]) / (V - 1), stacked[v], temperature, labels_a=ids, labels_b=ids)
+    terms = [info_nce((total - stacked[v]) / (V - 1), stacked[v], temperature=temperature, ids=ids)
              for v in range(V)]
     return torch.stack(terms).mean()
     ### END SOLUTION
@@ -76,14 +76,15 @@ def my_others_anchor_loss(views: list[torch.Tensor], temperature: float = 0.07,
 eye = torch.eye(2, dtype=torch.float64)
 assert math.isclose(float(my_others_anchor_loss([eye, eye], 1.0)), math.log(1 + math.exp(-1)), rel_tol=1e-9), f"expected {math.log(1 + math.exp(-1))}, got {float(my_others_anchor_loss([eye, eye], 1.0))}"
 a, b = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
-assert torch.allclose(my_others_anchor_loss([a, b], 0.1), info_nce(a, b, 0.1), atol=1e-10), f"expected {info_nce(a, b, 0.1)}, got {my_others_anchor_loss([a, b], 0.1)}"
+assert torch.allclose(my_others_anchor_loss([a, b], 0.1), info_nce(a, b, temperature=0.1), atol=1e-10), f"expected {info_nce(a, b, temperature=0.1)}, got {my_others_anchor_loss([a, b], 0.1)}"
 views = [torch.randn(16, 8, dtype=torch.float64) for _ in range(4)]
-reference, n_terms = multiview_loss(views, "others_anchor", temperature=0.1)
+reference, n_terms = multiview_loss(views, mode="others_anchor", temperature=0.1)
 assert n_terms == 4, f"expected {4}, got {n_terms}"
 assert torch.allclose(my_others_anchor_loss(views, 0.1), reference, atol=1e-10), f"expected {reference}, got {my_others_anchor_loss(views, 0.1)}"
 ### BEGIN HIDDEN TESTS
 c = torch.randn(8, 5, dtype=torch.float64)
-expected = (info_nce((b + a) / 2, c, 0.2) + info_nce((a + c) / 2, b, 0.2) + info_nce((b + c) / 2, a, 0.2)) / 3
+expected = (info_nce((b + a) / 2, c, temperature=0.2) + info_nce((a + c) / 2, b, temperature=0.2)
+            + info_nce((b + c) / 2, a, temperature=0.2)) / 3
 assert torch.allclose(my_others_anchor_loss([c, b, a], 0.2), expected, atol=1e-10), f"expected {expected}, got {my_others_anchor_loss([c, b, a], 0.2)}"
 try:
     my_others_anchor_loss([a], 0.1)
@@ -93,7 +94,7 @@ else:
     raise AssertionError("one view should raise ValueError")
 views[0].requires_grad_(True)
 g_mine, = torch.autograd.grad(my_others_anchor_loss(views, 0.1), views[0])
-g_ref, = torch.autograd.grad(multiview_loss(views, "others_anchor", temperature=0.1)[0], views[0])
+g_ref, = torch.autograd.grad(multiview_loss(views, mode="others_anchor", temperature=0.1)[0], views[0])
 assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_mine}"
 ### END HIDDEN TESTS
 
@@ -104,7 +105,7 @@ assert torch.allclose(g_mine, g_ref, atol=1e-10), f"expected {g_ref}, got {g_min
 # %% nbgrader={"grade": true, "grade_id": "others_anchor_ids_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
 ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
 views = [torch.randn(8, 6, dtype=torch.float64) for _ in range(3)]
-reference, _ = multiview_loss(views, "others_anchor", temperature=0.2, labels_a=ids, labels_b=ids)
+reference, _ = multiview_loss(views, mode="others_anchor", temperature=0.2, ids=ids)
 assert torch.allclose(my_others_anchor_loss(views, 0.2, ids), reference, atol=1e-10), f"expected {reference}, got {my_others_anchor_loss(views, 0.2, ids)}"
 ### BEGIN HIDDEN TESTS
 assert not torch.allclose(my_others_anchor_loss(views, 0.2), reference), f"the ids must change the loss here: expected without ids != {reference}, got {my_others_anchor_loss(views, 0.2)}"

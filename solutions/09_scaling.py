@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from mmalign import dist
 from mmalign.config import load_config
-from mmalign.losses import info_nce, similarity
+from mmalign.losses import info_nce
+from mmalign.retrieval import similarity
 
 cfg = load_config()
 torch.set_num_threads(cfg.num_threads or 1)
@@ -53,7 +54,7 @@ torch.set_num_threads(cfg.num_threads or 1)
 #
 # where CE is the mean cross-entropy over the $n$ rows (`F.cross_entropy`). The target $t_i$ carries the
 # **rank offset**: local row $i$ is row $rn + i$ of the gathered matrices, so its positive is column $rn + i$.
-# Use `similarity(x, y)` (cosine, float32 logits) from `mmalign.losses`.
+# Use `similarity(x, y)` (cosine, float32 logits) from `mmalign.retrieval`.
 #
 # Your function is sent to the worker processes as source code: keep it self-contained (it may use
 # `torch`, `F`, `dist`, `similarity`, nothing else from this notebook).
@@ -78,7 +79,7 @@ g = torch.Generator().manual_seed(0)
 a = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
 b = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
 mine = my_gathered_info_nce(a, b, 0.1)
-ref = info_nce(a, b, 0.1)
+ref = info_nce(a, b, temperature=0.1)
 assert torch.is_tensor(mine) and mine.dim() == 0, f"expected a scalar tensor, got {mine!r}"
 assert torch.allclose(mine, ref, rtol=1e-10, atol=1e-12), f"one process: expected info_nce = {float(ref):.10f}, got {float(mine):.10f}"
 grad_mine = torch.autograd.grad(mine, (a, b))
@@ -89,7 +90,7 @@ for name, gm, gr in zip("ab", grad_mine, grad_ref):
 a2 = torch.randn(5, 3, generator=g, dtype=torch.float64)
 b2 = torch.randn(5, 3, generator=g, dtype=torch.float64)
 for tau in (0.05, 1.0):
-    assert torch.allclose(my_gathered_info_nce(a2, b2, tau), info_nce(a2, b2, tau), rtol=1e-10), f"tau={tau}: expected info_nce"
+    assert torch.allclose(my_gathered_info_nce(a2, b2, tau), info_nce(a2, b2, temperature=tau), rtol=1e-10), f"tau={tau}: expected info_nce"
 ### END HIDDEN TESTS
 
 # %% [markdown]

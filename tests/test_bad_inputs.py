@@ -17,7 +17,7 @@ from mmalign.config import choose_device, load_config
 from mmalign.data import karpathy, rgbd, scenes, wit
 from mmalign.losses import (AdaptiveMargin, ScheduledMargin, contrastive_loss, cosine_embedding_loss,
                             hypersphere_loss, info_nce, make_signed_pairs, mms_loss, moco_loss, multiview_loss,
-                            n_loss_terms, similarity, triplet_loss, triplet_loss_embeddings)
+                            n_loss_terms, triplet_loss, triplet_loss_embeddings)
 from mmalign.memory import HardNegativeMemory, MoCoQueue, MomentumEncoder
 from mmalign.miners import (anchor_negative_gaps, hardest_negatives, margin_violation_fraction, random_negatives,
                             semi_hard_negatives)
@@ -28,7 +28,7 @@ from mmalign.models.pooling import AttentionPool, TransformerPool, masked_mean
 from mmalign.models.text_scratch import CharTokenizer, TextEncoder
 from mmalign.optim import LAMB, lamb_trust_ratio
 from mmalign.retrieval import chance_recall, precision_at_k, recall_at_k, retrieval_report, top_k
-from mmalign.retrieval import similarity as r_similarity
+from mmalign.retrieval import similarity
 from mmalign.train import fit
 
 B, D = 4, 6
@@ -57,13 +57,13 @@ LOSS_CASES = {
     "info_nce nan a": (lambda: info_nce(with_value(A, NAN), Bm), ValueError, r"^a holds NaN or inf values \(1 NaN"),
     "info_nce inf b": (lambda: info_nce(A, with_value(Bm, INF)), ValueError, r"^b holds NaN or inf values \(0 NaN, 1 inf"),
     "info_nce -inf b": (lambda: info_nce(A, with_value(Bm, -INF)), ValueError, r"^b holds NaN or inf"),
-    "info_nce nan temperature": (lambda: info_nce(A, Bm, NAN), ValueError, r"temperature must be > 0 and finite, got nan"),
-    "info_nce inf temperature": (lambda: info_nce(A, Bm, INF), ValueError, r"temperature must be > 0 and finite"),
-    "info_nce zero temperature": (lambda: info_nce(A, Bm, 0.0), ValueError, r"temperature must be > 0"),
-    "info_nce negative temperature": (lambda: info_nce(A, Bm, -0.1), ValueError, r"temperature must be > 0"),
-    "info_nce string temperature": (lambda: info_nce(A, Bm, "0.07"), TypeError, r"temperature must be a real number, got str '0.07'"),
-    "info_nce tensor temperature nan": (lambda: info_nce(A, Bm, torch.tensor(NAN)), ValueError, r"temperature must be > 0 and finite, got nan"),
-    "info_nce vector temperature": (lambda: info_nce(A, Bm, torch.ones(2)), ValueError, r"temperature must be a number, got a tensor of shape \(2,\)"),
+    "info_nce nan temperature": (lambda: info_nce(A, Bm, temperature=NAN), ValueError, r"temperature must be > 0 and finite, got nan"),
+    "info_nce inf temperature": (lambda: info_nce(A, Bm, temperature=INF), ValueError, r"temperature must be > 0 and finite"),
+    "info_nce zero temperature": (lambda: info_nce(A, Bm, temperature=0.0), ValueError, r"temperature must be > 0"),
+    "info_nce negative temperature": (lambda: info_nce(A, Bm, temperature=-0.1), ValueError, r"temperature must be > 0"),
+    "info_nce string temperature": (lambda: info_nce(A, Bm, temperature="0.07"), TypeError, r"temperature must be a real number, got str '0.07'"),
+    "info_nce tensor temperature nan": (lambda: info_nce(A, Bm, temperature=torch.tensor(NAN)), ValueError, r"temperature must be > 0 and finite, got nan"),
+    "info_nce vector temperature": (lambda: info_nce(A, Bm, temperature=torch.ones(2)), ValueError, r"temperature must be a number, got a tensor of shape \(2,\)"),
     # dtype / width / shape
     "info_nce int a": (lambda: info_nce(A.long(), Bm), ValueError, r"a must be a real floating-point tensor .*got torch.int64"),
     "info_nce complex b": (lambda: info_nce(A, Bm.to(torch.complex64)), ValueError, r"b must be a real floating-point tensor .*complex64"),
@@ -75,22 +75,22 @@ LOSS_CASES = {
     "info_nce lengths": (lambda: info_nce(emb(4), emb(3)), ValueError, r"same length, got 4 and 3"),
     "info_nce empty": (lambda: info_nce(emb(0), emb(0)), ValueError, r"empty batch"),
     "info_nce zero width": (lambda: info_nce(emb(d=0), emb(d=0)), ValueError, r"zero width"),
-    "info_nce float labels": (lambda: info_nce(A, Bm, 0.1, IDS.float(), IDS.float()), ValueError, r"labels_a \(item ids\) must hold integer ids"),
-    "info_nce short labels": (lambda: info_nce(A, Bm, 0.1, IDS[:3], IDS), ValueError, r"labels must be 1-d with one id per row"),
-    "info_nce unmatched labels": (lambda: info_nce(A, Bm, 0.1, IDS, IDS + 10), ValueError, r"at least one positive"),
-    "similarity widths": (lambda: similarity(emb(d=8), emb(d=6)), ValueError, r"embedding sizes differ: a has 8 features, b has 6"),
+    "info_nce float labels": (lambda: info_nce(A, Bm, temperature=0.1, ids=IDS.float()), ValueError, r"ids of a must hold integer ids"),
+    "info_nce short labels": (lambda: info_nce(A, Bm, temperature=0.1, ids=(IDS[:3], IDS)), ValueError, r"ids of a must be 1-d with one id per row"),
+    "info_nce unmatched labels": (lambda: info_nce(A, Bm, temperature=0.1, ids=(IDS, IDS + 10)), ValueError, r"at least one positive"),
+    "similarity widths": (lambda: similarity(emb(d=8), emb(d=6)), ValueError, r"a dim 8 != b dim 6"),
     "similarity nan": (lambda: similarity(with_value(A, NAN), Bm), ValueError, r"^a holds NaN"),
     "similarity int": (lambda: similarity(A.int(), Bm), ValueError, r"a must be a real floating-point"),
     # mms and margins
     "mms nan a": (lambda: mms_loss(with_value(A, NAN), Bm), ValueError, r"^a holds NaN"),
     "mms inf b": (lambda: mms_loss(A, with_value(Bm, INF)), ValueError, r"^b holds NaN or inf"),
-    "mms nan margin": (lambda: mms_loss(A, Bm, NAN), ValueError, r"margin must be finite, got nan"),
-    "mms nan tensor margin": (lambda: mms_loss(A, Bm, torch.full((B,), NAN)), ValueError, r"^margin holds NaN"),
-    "mms string margin": (lambda: mms_loss(A, Bm, "0.2"), TypeError, r"margin must be a float, a \(4,\) tensor"),
-    "mms margin shape": (lambda: mms_loss(A, Bm, torch.zeros(3)), ValueError, r"margin must be a float, a \(4,\) tensor .* got shape \(3,\)"),
-    "mms margin triple": (lambda: mms_loss(A, Bm, (0.1, 0.1, 0.1)), ValueError, r"margin pair must be \(m_ab, m_ba\), got 3"),
-    "mms complex margin": (lambda: mms_loss(A, Bm, torch.zeros(B, dtype=torch.complex64)), ValueError, r"margin must be real"),
-    "mms zero temperature": (lambda: mms_loss(A, Bm, 0.1, 0.0), ValueError, r"temperature must be > 0"),
+    "mms nan margin": (lambda: mms_loss(A, Bm, margin=NAN), ValueError, r"margin must be finite, got nan"),
+    "mms nan tensor margin": (lambda: mms_loss(A, Bm, margin=torch.full((B,), NAN)), ValueError, r"^margin holds NaN"),
+    "mms string margin": (lambda: mms_loss(A, Bm, margin="0.2"), TypeError, r"margin must be a float, a \(4,\) tensor"),
+    "mms margin shape": (lambda: mms_loss(A, Bm, margin=torch.zeros(3)), ValueError, r"margin must be a float, a \(4,\) tensor .* got shape \(3,\)"),
+    "mms margin triple": (lambda: mms_loss(A, Bm, margin=(0.1, 0.1, 0.1)), ValueError, r"margin pair must be \(m_ab, m_ba\), got 3"),
+    "mms complex margin": (lambda: mms_loss(A, Bm, margin=torch.zeros(B, dtype=torch.complex64)), ValueError, r"margin must be real"),
+    "mms zero temperature": (lambda: mms_loss(A, Bm, temperature=0.0, margin=0.1), ValueError, r"temperature must be > 0"),
     "mms widths": (lambda: mms_loss(emb(d=8), emb(d=6)), ValueError, r"embedding sizes differ"),
     "mms int": (lambda: mms_loss(A.long(), Bm.long()), ValueError, r"real floating-point"),
     "scheduled negative start": (lambda: ScheduledMargin(start=-1), ValueError, r"need start >= 0"),
@@ -110,32 +110,32 @@ LOSS_CASES = {
     # moco
     "moco nan q": (lambda: moco_loss(with_value(A, NAN), Bm, emb(5)), ValueError, r"^q holds NaN"),
     "moco inf key": (lambda: moco_loss(A, with_value(Bm, INF), emb(5)), ValueError, r"^k_pos holds NaN or inf"),
-    "moco nan queue (even masked)": (lambda: moco_loss(A, Bm, with_value(emb(5), NAN, (0, 0)), 0.07, IDS, torch.tensor([0, 9, 9, 9, 9])), ValueError, r"^queue_keys holds NaN"),
-    "moco nan temperature": (lambda: moco_loss(A, Bm, emb(5), NAN), ValueError, r"temperature must be > 0 and finite"),
+    "moco nan queue (even masked)": (lambda: moco_loss(A, Bm, with_value(emb(5), NAN, (0, 0)), temperature=0.07, ids=(IDS, torch.tensor([0, 9, 9, 9, 9]))), ValueError, r"^queue_keys holds NaN"),
+    "moco nan temperature": (lambda: moco_loss(A, Bm, emb(5), temperature=NAN), ValueError, r"temperature must be > 0 and finite"),
     "moco int q": (lambda: moco_loss(A.long(), Bm, emb(5)), ValueError, r"q must be a real floating-point"),
     "moco queue width": (lambda: moco_loss(A, Bm, emb(5, 4)), ValueError, r"build the queue with dim=6"),
     "moco key shape": (lambda: moco_loss(A, emb(3), emb(5)), ValueError, r"q and k_pos must have the same shape"),
-    "moco float ids": (lambda: moco_loss(A, Bm, emb(5), 0.07, IDS.float(), torch.arange(5).float()), ValueError, r"q_ids must hold integer ids"),
-    "moco one id side": (lambda: moco_loss(A, Bm, emb(5), 0.07, IDS, None), ValueError, r"both q_ids and queue_ids"),
+    "moco float ids": (lambda: moco_loss(A, Bm, emb(5), temperature=0.07, ids=(IDS.float(), torch.arange(5).float())), ValueError, r"ids of q must hold integer ids"),
+    "moco one id side": (lambda: moco_loss(A, Bm, emb(5), temperature=0.07, ids=(IDS, None)), ValueError, r"ids must be a pair \(ids of q"),
     # cosine embedding
     "cosine nan a": (lambda: cosine_embedding_loss(with_value(A, NAN), Bm, torch.ones(B)), ValueError, r"^a holds NaN"),
-    "cosine nan margin": (lambda: cosine_embedding_loss(A, Bm, torch.ones(B), NAN), ValueError, r"margin must be finite"),
-    "cosine margin > 1": (lambda: cosine_embedding_loss(A, Bm, torch.ones(B), 1.5), ValueError, r"margin must be in \[-1, 1\]"),
+    "cosine nan margin": (lambda: cosine_embedding_loss(A, Bm, torch.ones(B), margin=NAN), ValueError, r"margin must be finite"),
+    "cosine margin > 1": (lambda: cosine_embedding_loss(A, Bm, torch.ones(B), margin=1.5), ValueError, r"margin must be in \[-1, 1\]"),
     "cosine 0/1 target": (lambda: cosine_embedding_loss(A, Bm, torch.tensor([0, 1, 0, 1])), ValueError, r"only \+1 .* and -1"),
     "cosine target shape": (lambda: cosine_embedding_loss(A, Bm, torch.ones(3)), ValueError, r"target must have shape \(4,\)"),
     "cosine complex target": (lambda: cosine_embedding_loss(A, Bm, torch.ones(B, dtype=torch.complex64)), ValueError, r"target must hold \+1 and -1"),
     "cosine widths": (lambda: cosine_embedding_loss(emb(d=8), emb(d=6), torch.ones(B)), ValueError, r"embedding sizes differ"),
     "signed pairs n=0": (lambda: make_signed_pairs(0), ValueError, r"need n > 0"),
     "signed pairs float n": (lambda: make_signed_pairs(4.0), TypeError, r"n must be a whole number"),
-    "signed pairs negative k": (lambda: make_signed_pairs(4, -1), ValueError, r"negatives_per_positive >= 0"),
-    "signed pairs bad generator": (lambda: make_signed_pairs(4, 1, generator=0), TypeError, r"generator must be a torch.Generator"),
+    "signed pairs negative k": (lambda: make_signed_pairs(4, negatives_per_positive=-1), ValueError, r"negatives_per_positive >= 0"),
+    "signed pairs bad generator": (lambda: make_signed_pairs(4, negatives_per_positive=1, generator=0), TypeError, r"generator must be a torch.Generator"),
     # triplet
     "triplet nan sim": (lambda: triplet_loss(with_value(SIM, NAN), NEG, NEG), ValueError, r"^sim holds NaN"),
     "triplet int sim": (lambda: triplet_loss(SIM.long(), NEG, NEG), ValueError, r"sim must be a real floating-point"),
     "triplet non-square": (lambda: triplet_loss(SIM[:3], NEG, NEG), ValueError, r"square \(B, B\)"),
     "triplet 3-d": (lambda: triplet_loss(SIM[None], NEG, NEG), ValueError, r"square \(B, B\) similarity matrix \(2-d\)"),
-    "triplet nan margin": (lambda: triplet_loss(SIM, NEG, NEG, NAN), ValueError, r"margin must be finite"),
-    "triplet negative margin": (lambda: triplet_loss(SIM, NEG, NEG, -0.1), ValueError, r"margin must be >= 0"),
+    "triplet nan margin": (lambda: triplet_loss(SIM, NEG, NEG, margin=NAN), ValueError, r"margin must be finite"),
+    "triplet negative margin": (lambda: triplet_loss(SIM, NEG, NEG, margin=-0.1), ValueError, r"margin must be >= 0"),
     "triplet float negatives": (lambda: triplet_loss(SIM, NEG.float(), NEG), ValueError, r"neg_for_images must hold integer indices"),
     "triplet own positive": (lambda: triplet_loss(SIM, torch.arange(B)[:, None], NEG), ValueError, r"own positive"),
     "triplet index out of range": (lambda: triplet_loss(SIM, NEG + 10, NEG), ValueError, r"out of range"),
@@ -151,7 +151,7 @@ LOSS_CASES = {
     "contrastive eps 0": (lambda: contrastive_loss(SIM, eps=0.0), ValueError, r"eps must be > 0"),
     "contrastive non-square": (lambda: contrastive_loss(SIM[:, :3]), ValueError, r"square"),
     "contrastive int": (lambda: contrastive_loss(SIM.long()), ValueError, r"sim must be a real floating-point"),
-    "contrastive float ids": (lambda: contrastive_loss(SIM, IDS.float()), ValueError, r"must hold integer ids"),
+    "contrastive float ids": (lambda: contrastive_loss(SIM, ids=IDS.float()), ValueError, r"must hold integer ids"),
     # hypersphere
     "hypersphere nan x": (lambda: hypersphere_loss(with_value(A, NAN), Bm), ValueError, r"^x holds NaN"),
     "hypersphere inf y": (lambda: hypersphere_loss(A, with_value(Bm, INF)), ValueError, r"^y holds NaN or inf"),
@@ -194,7 +194,7 @@ RETRIEVAL_CASES = {
     "recall float ids": (lambda: recall_at_k(Q, G, QI.float(), QI), ValueError, r"query_ids must hold integer ids"),
     "recall short ids": (lambda: recall_at_k(Q, G, QI[:3], QI), ValueError, r"one id per row"),
     "recall no positive": (lambda: recall_at_k(Q, G, QI, QI + 1, ks=(1,)), ValueError, r"query 0 \(id 0\) has no positive in the gallery"),
-    "recall empty": (lambda: recall_at_k(emb(0, 3), G, QI[:0], QI), ValueError, r"empty query set or gallery"),
+    "recall empty": (lambda: recall_at_k(emb(0, 3), G, QI[:0], QI), ValueError, r"empty query or gallery"),
     "precision nan query": (lambda: precision_at_k(with_value(Q, NAN), G, QI, QI, max_k=2), ValueError, r"^query holds NaN"),
     "precision max_k float": (lambda: precision_at_k(Q, G, QI, QI, max_k=2.0), TypeError, r"max_k must be a whole number"),
     "precision max_k 0": (lambda: precision_at_k(Q, G, QI, QI, max_k=0), ValueError, r"max_k must be in 1..5"),
@@ -203,8 +203,6 @@ RETRIEVAL_CASES = {
     "top_k k float": (lambda: top_k(Q, G, 1.0), TypeError, r"k must be a whole number"),
     "top_k k 9": (lambda: top_k(Q, G, 9), ValueError, r"k must be in 1..5"),
     "top_k chunk 0": (lambda: top_k(Q, G, 2, chunk_size=0), ValueError, r"chunk_size must be >= 1"),
-    "retrieval similarity widths": (lambda: r_similarity(emb(2, 8), emb(2, 6)), ValueError, r"query dim 8 != gallery dim 6"),
-    "retrieval similarity nan": (lambda: r_similarity(with_value(Q, NAN), G), ValueError, r"^a holds NaN"),
     "report nan": (lambda: retrieval_report(with_value(Q, NAN), G, QI, QI, ks=(1,)), ValueError, r"^query holds NaN"),
     "chance float gallery": (lambda: chance_recall(10.5, 1, 1), TypeError, r"n_gallery must be a whole number"),
     "chance k 0": (lambda: chance_recall(10, 1, 0), ValueError, r"1 <= k <= gallery"),
@@ -214,15 +212,15 @@ RETRIEVAL_CASES = {
     "hardest int sim": (lambda: hardest_negatives(SIM.long()), ValueError, r"floating-point"),
     "hardest k 0": (lambda: hardest_negatives(SIM, k=0), ValueError, r"k must be a positive integer"),
     "hardest k float": (lambda: hardest_negatives(SIM, k=1.0), ValueError, r"k must be a positive integer"),
-    "hardest float ids": (lambda: hardest_negatives(SIM, IDS.float(), IDS.float()), ValueError, r"img_ids must hold integer ids"),
-    "hardest one side ids": (lambda: hardest_negatives(SIM, IDS, None), ValueError, r"both img_ids and txt_ids"),
+    "hardest float ids": (lambda: hardest_negatives(SIM, ids=IDS.float()), ValueError, r"ids of rows must hold integer ids"),
+    "hardest one ids tensor, not square": (lambda: hardest_negatives(emb(3, 4), ids=IDS[:3]), ValueError, r"one ids tensor labels both sides"),
     "random bad generator": (lambda: random_negatives(SIM, generator=3), TypeError, r"generator must be a torch.Generator"),
     "semi-hard nan margin": (lambda: semi_hard_negatives(SIM, margin=NAN), ValueError, r"margin must be finite"),
     "semi-hard margin 0": (lambda: semi_hard_negatives(SIM, margin=0.0), ValueError, r"margin must be > 0"),
     "semi-hard fallback": (lambda: semi_hard_negatives(SIM, fallback="random"), ValueError, r"fallback must be"),
     "semi-hard pos out of range": (lambda: semi_hard_negatives(SIM, pos_for_images=IDS + 1), ValueError, r"pos_for_images must index the other side"),
     "gaps float negatives": (lambda: anchor_negative_gaps(SIM, NEG.float(), NEG), ValueError, r"neg_for_images must hold integer indices"),
-    "violations nan margin": (lambda: margin_violation_fraction(SIM, NEG, NEG, NAN), ValueError, r"margin must be finite"),
+    "violations nan margin": (lambda: margin_violation_fraction(SIM, NEG, NEG, margin=NAN), ValueError, r"margin must be finite"),
 }
 
 
@@ -644,7 +642,7 @@ def test_attention_pool_with_cls_takes_an_empty_sequence():
 def test_info_nce_under_bf16_autocast_stays_float32_and_finite():
     a, b = emb(8, 16, seed=1).requires_grad_(), emb(8, 16, seed=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = info_nce(a @ torch.eye(16), b, 0.01)
+        loss = info_nce(a @ torch.eye(16), b, temperature=0.01)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 

@@ -36,7 +36,7 @@ def test_distill_contrastive_matches_loop(alpha):
     queue = torch.randn(6, 4, generator=g, dtype=torch.float64)
     ids = torch.tensor([0, 1, 1, 2, 3])
     qids = torch.tensor([1, 5, 6, 0, 7, 8])  # entries 0 and 3 are copies of batch items: left out for them
-    got = distill_contrastive_loss(q, kb, ids, queue, qids, 0.1, alpha, qt)
+    got = distill_contrastive_loss(q, kb, ids=(ids, qids), queue=queue, temperature=0.1, alpha=alpha, q_teacher=qt)
     want = naive_distill(q, kb, ids, queue, qids, 0.1, alpha, qt)
     assert float(got) == pytest.approx(float(want), rel=1e-10)
 
@@ -47,9 +47,9 @@ def test_alpha_zero_is_hard_label_cross_entropy():
     ids = torch.arange(4)
     logits = F.normalize(q, dim=-1) @ F.normalize(kb, dim=-1).T / 0.07
     want = F.cross_entropy(logits, ids)
-    assert float(distill_contrastive_loss(q, kb, ids, temperature=0.07)) == pytest.approx(float(want), rel=1e-12)
+    assert float(distill_contrastive_loss(q, kb, ids=ids, temperature=0.07)) == pytest.approx(float(want), rel=1e-12)
     # alpha = 0 ignores the teacher entirely
-    other = distill_contrastive_loss(q, kb, ids, temperature=0.07, alpha=0.0, q_teacher=torch.randn(4, 3, dtype=torch.float64))
+    other = distill_contrastive_loss(q, kb, ids=ids, temperature=0.07, alpha=0.0, q_teacher=torch.randn(4, 3, dtype=torch.float64))
     assert float(other) == pytest.approx(float(want), rel=1e-12)
 
 
@@ -58,23 +58,23 @@ def test_queue_copies_of_the_positive_are_excluded():
     kb = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     ids = torch.tensor([3])
     # a queue holding only a copy of the same item: it must not be a negative -> loss = 0 (one valid key)
-    loss = distill_contrastive_loss(q, kb, ids, kb.clone(), torch.tensor([3]), 0.1)
+    loss = distill_contrastive_loss(q, kb, ids=(ids, torch.tensor([3])), queue=kb.clone(), temperature=0.1)
     assert float(loss) == pytest.approx(0.0, abs=1e-12)
     # the same queue entry with another id is a negative: loss = log 2 (equal scores)
-    loss = distill_contrastive_loss(q, kb, ids, kb.clone(), torch.tensor([4]), 0.1)
+    loss = distill_contrastive_loss(q, kb, ids=(ids, torch.tensor([4])), queue=kb.clone(), temperature=0.1)
     assert float(loss) == pytest.approx(math.log(2), abs=1e-12)
 
 
 def test_distill_low_temperature_finite_and_bad_input():
     q = torch.randn(3, 4)
-    loss = distill_contrastive_loss(q, q * 2, torch.arange(3), torch.randn(5, 4), torch.arange(10, 15), 1e-3)
+    loss = distill_contrastive_loss(q, q * 2, ids=(torch.arange(3), torch.arange(10, 15)), queue=torch.randn(5, 4), temperature=1e-3)
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="alpha > 0 needs q_teacher"):
-        distill_contrastive_loss(q, q, torch.arange(3), alpha=0.5)
+        distill_contrastive_loss(q, q, ids=torch.arange(3), alpha=0.5)
     with pytest.raises(ValueError, match="alpha must be in"):
-        distill_contrastive_loss(q, q, torch.arange(3), alpha=1.5)
+        distill_contrastive_loss(q, q, ids=torch.arange(3), alpha=1.5)
     with pytest.raises(ValueError, match="different widths"):
-        distill_contrastive_loss(q, q, torch.arange(3), torch.randn(2, 5), torch.arange(2))
+        distill_contrastive_loss(q, q, ids=(torch.arange(3), torch.arange(2)), queue=torch.randn(2, 5))
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 16])
@@ -83,7 +83,7 @@ def test_hard_negatives_never_positive(batch):
     for trial in range(20):
         sim = torch.randn(batch, batch, generator=g) * 5
         ids = torch.randint(0, max(1, batch // 2), (batch,), generator=g)
-        neg = sample_hard_negatives(sim, ids, ids, generator=g)
+        neg = sample_hard_negatives(sim, ids=ids, generator=g)
         for i in range(batch):
             has = bool((ids != ids[i]).any())
             if has:
@@ -97,7 +97,7 @@ def test_hard_negatives_never_positive(batch):
 def test_hard_negatives_follow_softmax():
     sim = torch.tensor([[0.0, math.log(3.0), 0.0]])  # col 0 is the positive; cols 1, 2 with odds 3 : 1
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_hard_negatives(sim, torch.tensor([0]), torch.tensor([0, 1, 2]), generator=g)
+    draws = torch.stack([sample_hard_negatives(sim, ids=(torch.tensor([0]), torch.tensor([0, 1, 2])), generator=g)
                          for _ in range(4000)])
     assert (draws != 0).all()
     assert float((draws == 1).float().mean()) == pytest.approx(0.75, abs=0.03)
@@ -112,7 +112,7 @@ def test_prototype_loss_hand_computed():
     lse0 = math.log(math.exp(2) + 1 + math.exp(-2))
     lse1 = math.log(1 + math.exp(2) + 1)
     want = 0.5 * ((lse0 - 2) + 0.5 * (lse1 - 0) + 0.5 * (lse1 - 2))
-    assert float(prototype_loss(z, c, t, gamma)) == pytest.approx(want, rel=1e-12)
+    assert float(prototype_loss(z, c, t, gamma=gamma)) == pytest.approx(want, rel=1e-12)
 
 
 def test_codebook_loss_no_gradient_to_targets():

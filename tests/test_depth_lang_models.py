@@ -218,7 +218,7 @@ def test_depth_augmented_view_loss_equals_hand_sum():
     g = torch.Generator().manual_seed(0)
     img, txt, dep = (torch.randn(5, 8, generator=g, requires_grad=True) for _ in range(3))
     loss = depth_augmented_view_loss(img, txt, dep, temperature=0.1, weight=0.3)
-    torch.testing.assert_close(loss, info_nce(img, txt, 0.1) + 0.3 * info_nce(img, dep, 0.1))
+    torch.testing.assert_close(loss, info_nce(img, txt, temperature=0.1) + 0.3 * info_nce(img, dep, temperature=0.1))
     torch.testing.assert_close(depth_augmented_view_loss(img, txt, dep, weight=0.0), info_nce(img, txt))
     loss.backward()
     assert all(t.grad.abs().sum() > 0 for t in (img, txt, dep))

@@ -66,9 +66,9 @@ def _gathered_one(rank, with_ids, detach_others):
         pt = [torch.empty_like(zt) for _ in range(WORLD)]
         td.all_gather(pt, zt.detach())
         pt[rank] = zt
-        loss = info_nce(torch.cat(parts), torch.cat(pt), 0.1)
+        loss = info_nce(torch.cat(parts), torch.cat(pt), temperature=0.1)
     else:
-        loss = dist.gathered_info_nce(zi, zt, 0.1, ids[sl] if with_ids else None)
+        loss = dist.gathered_info_nce(zi, zt, temperature=0.1, ids=ids[sl] if with_ids else None)
     loss.backward()
     emb_grad = zi.grad.clone()
     dist.average_gradients(model.parameters())
@@ -100,7 +100,7 @@ def _single(with_ids):
     model = _model()
     zi, zt = model["i"](x), model["t"](y)
     zi.retain_grad()
-    loss = info_nce(zi, zt, 0.1, ids, ids) if with_ids else info_nce(zi, zt, 0.1)
+    loss = info_nce(zi, zt, temperature=0.1, ids=ids) if with_ids else info_nce(zi, zt, temperature=0.1)
     loss.backward()
     return loss.detach(), zi.grad, {k: p.grad for k, p in model.named_parameters()}
 
@@ -146,8 +146,8 @@ def test_single_process_is_the_identity_and_equals_info_nce():
     assert not dist.is_distributed() and dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
     x, y, ids = _batch()
     assert dist.all_gather(x) is x
-    torch.testing.assert_close(dist.gathered_info_nce(x, y, 0.1, ids), info_nce(x, y, 0.1, ids, ids))
-    torch.testing.assert_close(dist.gathered_info_nce(x, y, 0.1), info_nce(x, y, 0.1))
+    torch.testing.assert_close(dist.gathered_info_nce(x, y, temperature=0.1, ids=ids), info_nce(x, y, temperature=0.1, ids=ids))
+    torch.testing.assert_close(dist.gathered_info_nce(x, y, temperature=0.1), info_nce(x, y, temperature=0.1))
     assert dist.rank_offset_labels(4).tolist() == [0, 1, 2, 3]
     assert float(dist.all_reduce_mean(2.5)) == 2.5
 
@@ -155,11 +155,11 @@ def test_single_process_is_the_identity_and_equals_info_nce():
 def test_bad_input():
     x, y, ids = _batch()
     with pytest.raises(ValueError, match="temperature"):
-        dist.gathered_info_nce(x, y, 0.0)
-    with pytest.raises(ValueError, match="ids_b was given without ids"):
-        dist.gathered_info_nce(x, y, 0.1, ids_b=ids)
+        dist.gathered_info_nce(x, y, temperature=0.0)
+    with pytest.raises(ValueError, match=r"ids=\(ids of a, ids of b\) needs both sides"):
+        dist.gathered_info_nce(x, y, temperature=0.1, ids=(None, ids))
     with pytest.raises(ValueError, match="same number of rows"):
-        dist.gathered_info_nce(x, y[:5], 0.1)
+        dist.gathered_info_nce(x, y[:5], temperature=0.1)
     with pytest.raises(ValueError, match="n_local"):
         dist.rank_offset_labels(0)
     with pytest.raises(TypeError, match="torch.Tensor"):
@@ -189,7 +189,7 @@ def _fit_data():
 
 def _step(model, batch):
     x, y, ids = batch
-    return dist.gathered_info_nce(model["i"](x), model["t"](y), 0.1, ids), {"n": float(len(x))}
+    return dist.gathered_info_nce(model["i"](x), model["t"](y), temperature=0.1, ids=ids), {"n": float(len(x))}
 
 
 def _fit(max_steps=None, checkpoint=None, epochs=2):
@@ -255,8 +255,8 @@ def test_fit_amp_on_cuda_keeps_logits_float32_and_learns(amp):
     def step(m, batch):
         a, b, i = batch
         za, zb = m["i"](a), m["t"](b)
-        seen.append((za.dtype, info_nce(za, zb, 0.1, i, i).dtype))
-        return info_nce(za, zb, 0.1, i, i)
+        seen.append((za.dtype, info_nce(za, zb, temperature=0.1, ids=i).dtype))
+        return info_nce(za, zb, temperature=0.1, ids=i)
 
     hist = fit(model, step, data, optimizer=torch.optim.Adam(model.parameters(), 1e-2), epochs=5,
                batch_size=BATCH, device="cuda", amp=amp, progress=False)
@@ -268,7 +268,7 @@ def test_fit_amp_on_cuda_keeps_logits_float32_and_learns(amp):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_all_gather_on_cuda_single_process_is_identity():
     x = torch.randn(4, 3, device="cuda", requires_grad=True)
-    loss = dist.gathered_info_nce(x, x.detach() + 0.1, 0.1)
+    loss = dist.gathered_info_nce(x, x.detach() + 0.1, temperature=0.1)
     loss.backward()
     assert x.grad.device.type == "cuda" and loss.dtype == torch.float32
 
@@ -280,9 +280,9 @@ def test_local_negatives_loss_is_the_mean_of_per_part_info_nce():
     from mmalign.experiments.scaling import local_negatives_loss
 
     x, y, ids = _batch()
-    parts = [info_nce(x[i:i + 3], y[i:i + 3], 0.07, ids[i:i + 3], ids[i:i + 3]) for i in range(0, B, 3)]
+    parts = [info_nce(x[i:i + 3], y[i:i + 3], temperature=0.07, ids=ids[i:i + 3]) for i in range(0, B, 3)]
     torch.testing.assert_close(local_negatives_loss(4)(x, y, ids), sum(parts) / 4, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(local_negatives_loss(1)(x, y, ids), info_nce(x, y, 0.07, ids, ids))
+    torch.testing.assert_close(local_negatives_loss(1)(x, y, ids), info_nce(x, y, temperature=0.07, ids=ids))
     with pytest.raises(ValueError, match="equal parts"):
         local_negatives_loss(5)(x, y, ids)
     with pytest.raises(ValueError, match="n_chunks"):

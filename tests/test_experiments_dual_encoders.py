@@ -17,7 +17,7 @@ def test_cosine_pair_loss_equals_a_loop_over_the_drawn_pairs():
     zi, zt = torch.randn(10, 5, generator=g, dtype=torch.float64), torch.randn(10, 5, generator=g, dtype=torch.float64)
     ids = torch.tensor([0, 0, 1, 2, 3, 4, 4, 5, 6, 7])
     loss = de.cosine_pair_loss(margin=0.25, negatives_per_positive=3, seed=7)(zi, zt, ids)
-    ia, ib, y = make_signed_pairs(10, 3, generator=torch.Generator().manual_seed(7), item_ids=ids)
+    ia, ib, y = make_signed_pairs(10, negatives_per_positive=3, generator=torch.Generator().manual_seed(7), ids=ids)
     terms = []
     for i, j, t in zip(ia.tolist(), ib.tolist(), y.tolist()):
         c = float(zi[i] @ zt[j] / (zi[i].norm() * zt[j].norm()))

@@ -48,8 +48,8 @@ def test_factories_match_the_library_losses():
     zi, zt, ids = _batch()
     losses = {name: make() for name, make in zoo.zoo_losses(cfg, 100, hyper_lambdas=(2.0, 3.0)).items()}
     assert list(losses) == list(zoo.ROWS)
-    assert torch.allclose(losses["InfoNCE"](zi, zt, ids), info_nce(zi, zt, zoo.TEMPERATURE, ids, ids))
-    assert torch.allclose(losses["MMS"](zi, zt, ids), mms_loss(zi, zt, zoo.MMS_MARGIN, zoo.TEMPERATURE, ids))
+    assert torch.allclose(losses["InfoNCE"](zi, zt, ids), info_nce(zi, zt, temperature=zoo.TEMPERATURE, ids=ids))
+    assert torch.allclose(losses["MMS"](zi, zt, ids), mms_loss(zi, zt, temperature=zoo.TEMPERATURE, margin=zoo.MMS_MARGIN, ids=ids))
     assert torch.allclose(losses["Hyper"](zi, zt, ids),
                           2.0 * hypersphere_loss(zi, zt, lambda_uniform=0.0) + 3.0 * hypersphere_loss(zi, zt, lambda_align=0.0))
     for name, loss in losses.items():
@@ -63,7 +63,7 @@ def test_scheduled_mms_steps_once_per_call():
     loss = zoo.zoo_losses(cfg, 40)["MMS_Sch."]()
     for t in range(7):
         margin = loss.schedule.value
-        assert torch.allclose(loss(zi, zt, ids), mms_loss(zi, zt, margin, zoo.TEMPERATURE, ids))
+        assert torch.allclose(loss(zi, zt, ids), mms_loss(zi, zt, temperature=zoo.TEMPERATURE, margin=margin, ids=ids))
         assert loss.schedule.num_steps == t + 1
 
 
@@ -114,7 +114,7 @@ def test_triplet_eq_2_7_adds_the_hardest_imposter_hinge():
     got = float(loss(zi, zt, ids))
     # the uniform imposters come from the factory's generator (seed cfg.seed); the hardest ones by a loop
     s = F.normalize(zi, dim=-1) @ F.normalize(zt, dim=-1).T
-    neg_i, neg_t = random_negatives(s, ids, ids, k=1, generator=torch.Generator().manual_seed(cfg.seed))
+    neg_i, neg_t = random_negatives(s, ids=ids, k=1, generator=torch.Generator().manual_seed(cfg.seed))
     valid = ids[:, None] != ids[None, :]
     hard_i = torch.tensor([[max((j for j in range(12) if valid[i, j]), key=lambda j: float(s[i, j]))] for i in range(12)])
     hard_t = torch.tensor([[max((r for r in range(12) if valid[r, i]), key=lambda r: float(s[r, i]))] for i in range(12)])
@@ -128,8 +128,8 @@ def test_settings_set_each_loss_knob_and_unknown_names_fail():
     cfg = load_config("ci")
     zi, zt, ids = _batch()
     got = zoo.zoo_losses(cfg, 10, settings={"InfoNCE": 0.2, "MMS": 0.5})
-    assert torch.allclose(got["InfoNCE"]()(zi, zt, ids), info_nce(zi, zt, 0.2, ids, ids))
-    assert torch.allclose(got["MMS"]()(zi, zt, ids), mms_loss(zi, zt, zoo.MMS_MARGIN, 0.5, ids))
+    assert torch.allclose(got["InfoNCE"]()(zi, zt, ids), info_nce(zi, zt, temperature=0.2, ids=ids))
+    assert torch.allclose(got["MMS"]()(zi, zt, ids), mms_loss(zi, zt, temperature=0.5, margin=zoo.MMS_MARGIN, ids=ids))
     assert torch.allclose(got["MMS_Adp."]()(zi, zt, ids), zoo.zoo_losses(cfg, 10)["MMS_Adp."]()(zi, zt, ids))
     hyper = zoo.zoo_losses(cfg, 10, settings={"Hyper": 5.0})["Hyper"]()(zi, zt, ids)
     assert torch.allclose(hyper, hypersphere_loss(zi, zt, lambda_uniform=0.0) + 5.0 * hypersphere_loss(zi, zt, lambda_align=0.0))

@@ -44,7 +44,7 @@ def test_empty_memory_is_info_nce_and_gradients_are_finite():
     zt = torch.randn(8, 5, generator=g, dtype=torch.float64)
     ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
     empty = info_nce_with_memory(zi, zt, ids, zi[:0].detach(), ids[:0], 0.07)
-    assert torch.allclose(empty, info_nce(zi, zt, 0.07, ids, ids), atol=1e-12)
+    assert torch.allclose(empty, info_nce(zi, zt, temperature=0.07, ids=ids), atol=1e-12)
     mem = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     loss = info_nce_with_memory(zi, zt, ids, mem, torch.tensor([0, 0, 0, 0]), 0.05)  # masked for anchors of id 0
     loss.backward()

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from mmalign.losses.contrastive import contrastive_loss
 from mmalign.losses.cosine_embedding import cosine_embedding_loss, make_signed_pairs
 from mmalign.losses.hypersphere import hypersphere_loss
-from mmalign.losses.info_nce import info_nce, similarity
+from mmalign.losses.info_nce import info_nce
+from mmalign.retrieval import similarity
 from mmalign.losses.mms import AdaptiveMargin, ScheduledMargin, mms_loss
 from mmalign.losses.triplet import triplet_loss, triplet_loss_embeddings
 
@@ -56,7 +57,7 @@ def test_info_nce_multi_positive_matches_loop():
     st = [list(col) for col in zip(*s)]
     l_ab = sum(ce_loop(s[i], [j for j in range(8) if lb[j] == la[i]]) for i in range(6)) / 6
     l_ba = sum(ce_loop(st[j], [i for i in range(6) if la[i] == lb[j]]) for j in range(8)) / 8
-    got = info_nce(a, b, temperature=tau, labels_a=la, labels_b=lb)
+    got = info_nce(a, b, temperature=tau, ids=(la, lb))
     assert got.item() == pytest.approx(0.5 * (l_ab + l_ba), rel=1e-10)
 
 
@@ -66,7 +67,7 @@ def test_info_nce_errors():
     with pytest.raises(ValueError, match="same length"):
         info_nce(randn(3, 2), randn(4, 2))
     with pytest.raises(ValueError, match="at least one positive"):
-        info_nce(randn(2, 2), randn(2, 2), labels_a=torch.tensor([0, 5]), labels_b=torch.tensor([0, 1]))
+        info_nce(randn(2, 2), randn(2, 2), ids=(torch.tensor([0, 5]), torch.tensor([0, 1])))
 
 
 def test_similarity_float32_under_autocast_and_keeps_float64():
@@ -103,7 +104,7 @@ def triplet_loop(s, ni, nt, m):
     return sum(terms) / max(len(terms), 1)
 
 
-def random_negatives(n, k, seed):
+def random_negative_indices(n, k, seed):
     g = torch.Generator().manual_seed(seed)
     neg = torch.randint(0, n - 1, (n, k), generator=g)
     neg = neg + (neg >= torch.arange(n)[:, None]).long()  # skip the diagonal
@@ -114,8 +115,8 @@ def random_negatives(n, k, seed):
 @pytest.mark.parametrize("margin", [0.0, 0.2, 1.0, 10.0])
 def test_triplet_matches_loop(margin):
     s = torch.tanh(randn(9, 9, seed=7))
-    ni, nt = random_negatives(9, 4, 8), random_negatives(9, 3, 9)
-    assert triplet_loss(s, ni, nt, margin).item() == pytest.approx(triplet_loop(s, ni, nt, margin), rel=1e-12)
+    ni, nt = random_negative_indices(9, 4, 8), random_negative_indices(9, 3, 9)
+    assert triplet_loss(s, ni, nt, margin=margin).item() == pytest.approx(triplet_loop(s, ni, nt, margin), rel=1e-12)
 
 
 def test_triplet_large_margin_closed_form_and_all_ignored():
@@ -133,16 +134,16 @@ def test_triplet_large_margin_closed_form_and_all_ignored():
 
 def test_triplet_gradcheck_and_embeddings():
     s = torch.tanh(randn(5, 5, seed=11)).requires_grad_(True)
-    ni, nt = random_negatives(5, 2, 12), random_negatives(5, 2, 13)
-    assert torch.autograd.gradcheck(lambda x: triplet_loss(x, ni, nt, 0.3), (s,))
+    ni, nt = random_negative_indices(5, 2, 12), random_negative_indices(5, 2, 13)
+    assert torch.autograd.gradcheck(lambda x: triplet_loss(x, ni, nt, margin=0.3), (s,))
     img, txt = randn(5, 3, seed=14), randn(5, 3, seed=15)
     want = triplet_loop(torch.tensor(cos_list(img, txt), dtype=D64), ni, nt, 0.3)
-    assert triplet_loss_embeddings(img, txt, ni, nt, 0.3).item() == pytest.approx(want, rel=1e-10)
+    assert triplet_loss_embeddings(img, txt, ni, nt, margin=0.3).item() == pytest.approx(want, rel=1e-10)
 
 
 def test_triplet_half_precision():
     img, txt = randn(6, 8, seed=16), randn(6, 8, seed=17)
-    ni, nt = random_negatives(6, 2, 18), random_negatives(6, 2, 19)
+    ni, nt = random_negative_indices(6, 2, 18), random_negative_indices(6, 2, 19)
     ref = triplet_loss_embeddings(img, txt, ni, nt)
     for dt in (torch.float16, torch.bfloat16):
         got = triplet_loss_embeddings(img.to(dt), txt.to(dt), ni, nt)
@@ -194,19 +195,19 @@ def test_contrastive_matches_loop_with_label_mask(margin):
             d = math.sqrt(2 - 2 * s[i][j])
             (pos if ids[i] == ids[j] else neg).append(d * d if ids[i] == ids[j] else max(0.0, margin - d) ** 2)
     want = 0.5 * (sum(pos) / len(pos) + sum(neg) / len(neg))
-    got = contrastive_loss(similarity(a, b), ids, margin)
+    got = contrastive_loss(similarity(a, b), margin=margin, ids=ids)
     assert got.item() == pytest.approx(want, rel=1e-10)
 
 
 def test_contrastive_gradcheck_half_and_single_item_batch():
     a, b = randn(5, 4, seed=22).requires_grad_(True), randn(5, 4, seed=23)
     ids = torch.tensor([0, 1, 1, 2, 3])
-    assert torch.autograd.gradcheck(lambda x: contrastive_loss(similarity(x, b), ids, 1.2), (a,))
-    ref = contrastive_loss(similarity(a, b), ids)
-    got = contrastive_loss(similarity(a.detach().half(), b.half()), ids)
+    assert torch.autograd.gradcheck(lambda x: contrastive_loss(similarity(x, b), margin=1.2, ids=ids), (a,))
+    ref = contrastive_loss(similarity(a, b), ids=ids)
+    got = contrastive_loss(similarity(a.detach().half(), b.half()), ids=ids)
     assert torch.isfinite(got) and got.item() == pytest.approx(ref.item(), abs=1e-2)
     # every pair positive: no negatives, the push term is 0 and nothing is NaN
-    same = contrastive_loss(similarity(a, b), torch.zeros(5, dtype=torch.long))
+    same = contrastive_loss(similarity(a, b), ids=torch.zeros(5, dtype=torch.long))
     assert torch.isfinite(same)
 
 
@@ -217,8 +218,8 @@ def test_contrastive_errors():
         contrastive_loss(torch.eye(2), margin=3.0)
     with pytest.raises(ValueError, match="square"):
         contrastive_loss(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="labels"):
-        contrastive_loss(torch.eye(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="ids of rows must be 1-d"):
+        contrastive_loss(torch.eye(3), ids=torch.tensor([0, 1]))
 
 
 # ------------------------------------------------------------------------------ Cosine embedding
@@ -232,18 +233,18 @@ def test_cosine_embedding_hand_and_torch():
     b = torch.tensor([[1.0, 1], [1, 1], [0, 1]], dtype=D64)
     y = torch.tensor([1, -1, -1])
     r = 1 / math.sqrt(2)
-    assert cosine_embedding_loss(a, b, y, 0.5).item() == pytest.approx((1 - r + r - 0.5 + 0) / 3)
+    assert cosine_embedding_loss(a, b, y, margin=0.5).item() == pytest.approx((1 - r + r - 0.5 + 0) / 3)
     a, b = randn(20, 6, seed=24), randn(20, 6, seed=25)
     y = torch.where(torch.rand(20, generator=torch.Generator().manual_seed(0)) < 0.5, 1, -1)
     for m in (-0.5, 0.0, 0.3, 1.0):
-        torch.testing.assert_close(cosine_embedding_loss(a, b, y, m), F.cosine_embedding_loss(a, b, y, margin=m))
+        torch.testing.assert_close(cosine_embedding_loss(a, b, y, margin=m), F.cosine_embedding_loss(a, b, y, margin=m))
 
 
 def test_cosine_embedding_gradcheck_and_half():
     a, b = randn(6, 4, seed=26).requires_grad_(True), randn(6, 4, seed=27)
     y = torch.tensor([1, -1, 1, -1, -1, 1])
-    assert torch.autograd.gradcheck(lambda x: cosine_embedding_loss(x, b, y, 0.1), (a,))
-    got = cosine_embedding_loss(a.detach().bfloat16(), b.bfloat16(), y, 0.1)
+    assert torch.autograd.gradcheck(lambda x: cosine_embedding_loss(x, b, y, margin=0.1), (a,))
+    got = cosine_embedding_loss(a.detach().bfloat16(), b.bfloat16(), y, margin=0.1)
     assert got.dtype == torch.float32 and torch.isfinite(got)
 
 
@@ -261,26 +262,26 @@ def test_cosine_embedding_errors():
 
 def test_make_signed_pairs():
     ids = torch.tensor([0, 0, 1, 2, 2, 3])
-    ia, ib, y = make_signed_pairs(6, 3, torch.Generator().manual_seed(0), ids)
+    ia, ib, y = make_signed_pairs(6, negatives_per_positive=3, generator=torch.Generator().manual_seed(0), ids=ids)
     assert torch.equal(ia[:6], torch.arange(6)) and torch.equal(ib[:6], torch.arange(6)) and (y[:6] == 1).all()
     assert (y[6:] == -1).all() and len(y) == 6 + 6 * 3  # every anchor has >= 3 other-item columns
     assert (ids[ia[6:]] != ids[ib[6:]]).all()  # a negative never shares an item id
     for i in range(6):  # distinct negatives per anchor
         cols = ib[6:][ia[6:] == i]
         assert len(set(cols.tolist())) == len(cols) == 3
-    again = make_signed_pairs(6, 3, torch.Generator().manual_seed(0), ids)
+    again = make_signed_pairs(6, negatives_per_positive=3, generator=torch.Generator().manual_seed(0), ids=ids)
     assert all(torch.equal(x, z) for x, z in zip((ia, ib, y), again))  # seeded
     # fewer valid negatives than asked: take what exists
-    ia, ib, y = make_signed_pairs(3, 5, torch.Generator().manual_seed(1), torch.tensor([0, 0, 1]))
+    ia, ib, y = make_signed_pairs(3, negatives_per_positive=5, generator=torch.Generator().manual_seed(1), ids=torch.tensor([0, 0, 1]))
     assert sorted(zip(ia[3:].tolist(), ib[3:].tolist())) == [(0, 2), (1, 2), (2, 0), (2, 1)]
     # all draws uniform: column counts over many seeds are balanced
     counts = torch.zeros(4)
     for s in range(300):
-        _, ib, _ = make_signed_pairs(4, 1, torch.Generator().manual_seed(s))
+        _, ib, _ = make_signed_pairs(4, negatives_per_positive=1, generator=torch.Generator().manual_seed(s))
         counts += torch.bincount(ib[4:], minlength=4)
     assert counts.min() > 250 and counts.max() < 350  # 300 expected per column
-    with pytest.raises(ValueError, match="item_ids"):
-        make_signed_pairs(3, 1, None, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="ids must have shape"):
+        make_signed_pairs(3, negatives_per_positive=1, generator=None, ids=torch.tensor([0, 1]))
 
 
 # ---------------------------------------------------------------------------------------- MMS
@@ -310,13 +311,13 @@ def test_mms_hand_worked():
     # L = (.478771 + .492775) / 2 = .485773
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=D64)
     b = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=D64)
-    assert mms_loss(a, b, 0.1, temperature=1.0).item() == pytest.approx(0.485773, abs=1e-6)
+    assert mms_loss(a, b, temperature=1.0, margin=0.1).item() == pytest.approx(0.485773, abs=1e-6)
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.07, 0.01])
 def test_mms_zero_margin_equals_info_nce(tau):
     a, b = randn(10, 6, seed=30), randn(10, 6, seed=31)
-    torch.testing.assert_close(mms_loss(a, b, 0.0, tau), info_nce(a, b, tau))
+    torch.testing.assert_close(mms_loss(a, b, temperature=tau, margin=0.0), info_nce(a, b, temperature=tau))
 
 
 @pytest.mark.parametrize("tau,margin", [(0.07, 0.2), (0.01, 0.5), (1.0, -0.3), (0.05, 5.0)])
@@ -324,7 +325,7 @@ def test_mms_matches_loop_with_mask(tau, margin):
     a, b = randn(8, 5, seed=32), randn(8, 5, seed=33)
     ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])
     want = mms_loop(a, b, tau, [margin] * 8, [margin] * 8, ids)
-    got = mms_loss(a, b, margin, tau, item_ids=ids)
+    got = mms_loss(a, b, temperature=tau, margin=margin, ids=ids)
     assert torch.isfinite(got) and got.item() == pytest.approx(want, rel=1e-9)
 
 
@@ -333,33 +334,33 @@ def test_mms_per_anchor_margins_and_gradcheck():
     m_ab, m_ba = randn(5, seed=36) * 0.1, randn(5, seed=37) * 0.1
     ids = torch.tensor([0, 0, 1, 2, 3])
     want = mms_loop(a.detach(), b.detach(), 0.2, m_ab.tolist(), m_ba.tolist(), ids)
-    assert mms_loss(a, b, (m_ab, m_ba), 0.2, ids).item() == pytest.approx(want, rel=1e-10)
-    assert torch.autograd.gradcheck(lambda x, y: mms_loss(x, y, (m_ab, m_ba), 0.2, ids), (a, b))
+    assert mms_loss(a, b, temperature=0.2, margin=(m_ab, m_ba), ids=ids).item() == pytest.approx(want, rel=1e-10)
+    assert torch.autograd.gradcheck(lambda x, y: mms_loss(x, y, temperature=0.2, margin=(m_ab, m_ba), ids=ids), (a, b))
     # a (B,) margin is used for both directions
     want = mms_loop(a.detach(), b.detach(), 0.2, m_ab.tolist(), m_ab.tolist())
-    assert mms_loss(a, b, m_ab, 0.2).item() == pytest.approx(want, rel=1e-10)
+    assert mms_loss(a, b, temperature=0.2, margin=m_ab).item() == pytest.approx(want, rel=1e-10)
 
 
 def test_mms_margin_is_detached():
     a, b = randn(4, 3, seed=38).requires_grad_(True), randn(4, 3, seed=39)
     m = (a * 0).sum(1) + 0.3  # a margin that depends on a
-    mms_loss(a, b, m).backward()
+    mms_loss(a, b, margin=m).backward()
     g1 = a.grad.clone()
     a.grad = None
-    mms_loss(a, b, 0.3).backward()
+    mms_loss(a, b, margin=0.3).backward()
     torch.testing.assert_close(g1, a.grad)
 
 
 def test_mms_half_autocast_and_extreme_temperature():
     a, b = randn(16, 32, seed=40).float(), randn(16, 32, seed=41).float()
-    ref = mms_loss(a, b, 0.2, 0.01)
+    ref = mms_loss(a, b, temperature=0.01, margin=0.2)
     assert torch.isfinite(ref)
     for dt in (torch.float16, torch.bfloat16):
-        got = mms_loss(a.to(dt), b.to(dt), 0.2, 0.01)
+        got = mms_loss(a.to(dt), b.to(dt), temperature=0.01, margin=0.2)
         assert got.dtype == torch.float32 and torch.isfinite(got)
         assert got.item() == pytest.approx(ref.item(), rel=5e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = mms_loss(a, b, 0.2, 0.01)
+        got = mms_loss(a, b, temperature=0.01, margin=0.2)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref)
 
@@ -368,10 +369,10 @@ def test_mms_half_autocast_and_extreme_temperature():
 def test_mms_cuda_fp16_autocast():
     a, b = randn(64, 32, seed=42).float(), randn(64, 32, seed=43).float()
     ids = torch.arange(64) // 2
-    ref = mms_loss(a, b, 0.2, 0.01, ids)
+    ref = mms_loss(a, b, temperature=0.01, margin=0.2, ids=ids)
     with torch.autocast("cuda", dtype=torch.float16):
-        got = mms_loss(a.cuda().half(), b.cuda().half(), AdaptiveMargin()(a.cuda(), b.cuda(), ids.cuda()), 0.01, ids.cuda())
-        got_const = mms_loss(a.cuda(), b.cuda(), 0.2, 0.01, ids.cuda())
+        got = mms_loss(a.cuda().half(), b.cuda().half(), temperature=0.01, margin=AdaptiveMargin()(a.cuda(), b.cuda(), ids=ids.cuda()), ids=ids.cuda())
+        got_const = mms_loss(a.cuda(), b.cuda(), temperature=0.01, margin=0.2, ids=ids.cuda())
     assert got.device.type == "cuda" and got.dtype == torch.float32 and torch.isfinite(got)
     assert got_const.item() == pytest.approx(ref.item(), rel=1e-4)
 
@@ -379,15 +380,15 @@ def test_mms_cuda_fp16_autocast():
 def test_mms_errors():
     a = randn(4, 3)
     with pytest.raises(ValueError, match="temperature"):
-        mms_loss(a, a, 0.1, temperature=-1)
+        mms_loss(a, a, temperature=-1, margin=0.1)
     with pytest.raises(ValueError, match="same length"):
-        mms_loss(a, randn(5, 3), 0.1)
+        mms_loss(a, randn(5, 3), margin=0.1)
     with pytest.raises(ValueError, match=r"\(4,\) tensor"):
-        mms_loss(a, a, torch.zeros(3))
+        mms_loss(a, a, margin=torch.zeros(3))
     with pytest.raises(ValueError, match="pair"):
-        mms_loss(a, a, (torch.zeros(4),))
+        mms_loss(a, a, margin=(torch.zeros(4),))
     with pytest.raises(ValueError, match="embedding sizes"):
-        mms_loss(a, randn(4, 2), 0.1)
+        mms_loss(a, randn(4, 2), margin=0.1)
 
 
 def test_scheduled_margin():
@@ -416,7 +417,7 @@ def test_adaptive_margin_matches_loop():
     a, b = randn(6, 4, seed=44), randn(6, 4, seed=45)
     ids = torch.tensor([0, 0, 1, 2, 3, 3])
     s = cos_list(a, b)
-    m_ab, m_ba = AdaptiveMargin(alpha=0.5)(a, b, ids)
+    m_ab, m_ba = AdaptiveMargin(alpha=0.5)(a, b, ids=ids)
     for i in range(6):
         row = [s[i][j] for j in range(6) if ids[j] != ids[i]]
         col = [s[j][i] for j in range(6) if ids[j] != ids[i]]
@@ -428,12 +429,12 @@ def test_adaptive_margin_matches_loop():
     # detached, anchors without negatives get 0, state round trip
     x = a.clone().requires_grad_(True)
     assert not AdaptiveMargin()(x, b)[0].requires_grad
-    m_ab, m_ba = AdaptiveMargin()(a, b, torch.zeros(6, dtype=torch.long))
+    m_ab, m_ba = AdaptiveMargin()(a, b, ids=torch.zeros(6, dtype=torch.long))
     assert (m_ab == 0).all() and (m_ba == 0).all()
     amm = AdaptiveMargin(0.1)
     amm.load_state_dict(AdaptiveMargin(0.7).state_dict())
     assert amm.alpha == 0.7
-    loss = mms_loss(a, b, AdaptiveMargin()(a, b, ids), 0.07, ids)
+    loss = mms_loss(a, b, temperature=0.07, margin=AdaptiveMargin()(a, b, ids=ids), ids=ids)
     assert torch.isfinite(loss)
 
 
@@ -459,7 +460,7 @@ def test_hypersphere_matches_loop(alpha, t, la, lu, log):
     align = sum(d2[i][i] ** (alpha / 2) for i in range(7)) / 7
     unif = sum(math.exp(-t * d2[i][j]) for i in range(7) for j in range(i, 7)) / (7 * 8 / 2)
     want = la * align + lu * (math.log(unif) if log else unif)
-    got = hypersphere_loss(x, y, alpha, t, la, lu, log_uniformity=log)
+    got = hypersphere_loss(x, y, alpha=alpha, t=t, lambda_align=la, lambda_uniform=lu, log_uniformity=log)
     assert got.item() == pytest.approx(want, rel=1e-10)
 
 

@@ -73,7 +73,7 @@ def test_select_violators_matches_loop():
         ids = torch.randint(0, 5, (n,), generator=g)
         ids = torch.where(torch.rand(n, generator=g) < 0.5, ids, torch.arange(10, 10 + n))
         margin, k = 0.25, 1 + trial % 3
-        got = HardNegativeMemory.select_violators(sim, k=k, margin=margin, row_ids=ids, col_ids=ids)
+        got = HardNegativeMemory.select_violators(sim, k=k, margin=margin, ids=ids)
         S = sim.tolist()
         worst = {}
         for j in range(n):  # each caption anchor nominates its k most similar violating images
@@ -118,7 +118,7 @@ def test_ring_buffer_bad_inputs():
     with pytest.raises(ValueError, match="k must be a positive integer"):
         HardNegativeMemory.select_violators(torch.rand(3, 3), k=0)
     with pytest.raises(ValueError, match="pos_for_cols"):
-        HardNegativeMemory.select_violators(torch.rand(3, 4), row_ids=torch.arange(3), col_ids=torch.arange(4))
+        HardNegativeMemory.select_violators(torch.rand(3, 4), ids=(torch.arange(3), torch.arange(4)))
 
 
 # ---------------------------------------------------------------- momentum encoder
@@ -204,12 +204,12 @@ def test_moco_loss_masks_copies_of_the_positive():
     e = math.exp
     row0 = -math.log(e(1.2) / (e(1.2) + e(0.0) + e(-2.0)))
     row1 = -math.log(e(1.2) / (e(1.2) + e(0.0) + e(2.0)))
-    loss = moco_loss(torch.tensor(q), torch.tensor(k), torch.tensor(queue), 0.5, torch.tensor(q_ids), torch.tensor(queue_ids))
+    loss = moco_loss(torch.tensor(q), torch.tensor(k), torch.tensor(queue), temperature=0.5, ids=(torch.tensor(q_ids), torch.tensor(queue_ids)))
     assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
-    unmasked = moco_loss(torch.tensor(q), torch.tensor(k), torch.tensor(queue), 0.5)
+    unmasked = moco_loss(torch.tensor(q), torch.tensor(k), torch.tensor(queue), temperature=0.5)
     assert unmasked.item() > loss.item()
     # every queue entry a copy of the positive, or an empty queue: only the positive is left, loss 0
-    all_same = moco_loss(torch.tensor(q), torch.tensor(k), torch.tensor(queue), 0.5, torch.tensor([3, 3]), torch.tensor([3, 3, 3]))
+    all_same = moco_loss(torch.tensor(q), torch.tensor(k), torch.tensor(queue), temperature=0.5, ids=(torch.tensor([3, 3]), torch.tensor([3, 3, 3])))
     assert all_same.item() == 0.0
     assert moco_loss(torch.tensor(q), torch.tensor(k), torch.zeros(0, 2)).item() == 0.0
 
@@ -219,19 +219,19 @@ def test_moco_loss_random_against_loop_grad_and_precision():
     q, k, queue = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(9, 4, generator=g)
     q_ids, queue_ids = torch.randint(0, 4, (5,), generator=g), torch.randint(0, 4, (9,), generator=g)
     want = ref_moco(q.tolist(), k.tolist(), queue.tolist(), 0.1, q_ids.tolist(), queue_ids.tolist())
-    assert moco_loss(q, k, queue, 0.1, q_ids, queue_ids).item() == pytest.approx(want, rel=1e-5)
+    assert moco_loss(q, k, queue, temperature=0.1, ids=(q_ids, queue_ids)).item() == pytest.approx(want, rel=1e-5)
     # gradients: only into q; gradcheck in float64
     qd, kd = q.double().requires_grad_(), k.double().requires_grad_()
-    moco_loss(qd, kd, queue.double(), 0.1, q_ids, queue_ids).backward()
+    moco_loss(qd, kd, queue.double(), temperature=0.1, ids=(q_ids, queue_ids)).backward()
     assert kd.grad is None and torch.isfinite(qd.grad).all()
-    assert torch.autograd.gradcheck(lambda x: moco_loss(x, k.double(), queue.double(), 0.1, q_ids, queue_ids),
+    assert torch.autograd.gradcheck(lambda x: moco_loss(x, k.double(), queue.double(), temperature=0.1, ids=(q_ids, queue_ids)),
                                      (q.double().requires_grad_(),))
     # extreme temperature stays finite; half-precision inputs give a float32 loss
-    assert torch.isfinite(moco_loss(q, k, queue, 1e-3))
-    half = moco_loss(q.half(), k.half(), queue.half(), 0.1, q_ids, queue_ids)
+    assert torch.isfinite(moco_loss(q, k, queue, temperature=1e-3))
+    half = moco_loss(q.half(), k.half(), queue.half(), temperature=0.1, ids=(q_ids, queue_ids))
     assert half.dtype == torch.float32 and half.item() == pytest.approx(want, rel=1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = moco_loss(q, k, queue, 0.1, q_ids, queue_ids)
+        auto = moco_loss(q, k, queue, temperature=0.1, ids=(q_ids, queue_ids))
     assert auto.dtype == torch.float32 and auto.item() == pytest.approx(want, rel=1e-5)
 
 
@@ -245,10 +245,10 @@ def test_moco_loss_bad_inputs():
         moco_loss(q, k, torch.randn(5, 3))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         moco_loss(q, k, torch.randn(5, 4), temperature=0)
-    with pytest.raises(ValueError, match="both q_ids and queue_ids"):
-        moco_loss(q, k, torch.randn(5, 4), q_ids=torch.arange(3))
-    with pytest.raises(ValueError, match="one per row"):
-        moco_loss(q, k, torch.randn(5, 4), q_ids=torch.arange(3), queue_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="ids must be a pair"):
+        moco_loss(q, k, torch.randn(5, 4), ids=(torch.arange(3), None))
+    with pytest.raises(ValueError, match="one id per row"):
+        moco_loss(q, k, torch.randn(5, 4), ids=(torch.arange(3), torch.arange(4)))
 
 
 # ---------------------------------------------------------------- exact resume of a MoCo run
@@ -268,14 +268,14 @@ def train_step(run, step):
     x_q, x_k = x + 0.1 * torch.randn(n, 6, generator=g), x + 0.1 * torch.randn(n, 6, generator=g)
     q, k = enc(x_q), key(x_k)
     neg, neg_ids = torch.cat([queue.keys, mem.read()[0]]), torch.cat([queue.ids, mem.read()[1]])
-    loss = moco_loss(q, k, neg, 0.2, ids, neg_ids)
+    loss = moco_loss(q, k, neg, temperature=0.2, ids=(ids, neg_ids))
     opt.zero_grad()
     loss.backward()
     opt.step()
     key.update(enc)
     queue.enqueue(F.normalize(k, dim=1), ids)
     sim = F.normalize(q.detach(), dim=1) @ F.normalize(k, dim=1).T
-    rows = HardNegativeMemory.select_violators(sim, k=1, margin=0.5, row_ids=ids, col_ids=ids)
+    rows = HardNegativeMemory.select_violators(sim, k=1, margin=0.5, ids=ids)
     mem.write(F.normalize(q.detach()[rows], dim=1), ids[rows])
     return loss.item()
 
@@ -321,8 +321,8 @@ def test_cuda():
     mem.write(torch.randn(2, 3, device="cuda"), torch.arange(2, device="cuda"))
     assert mem.read()[0].is_cuda
     qq, kk = torch.randn(2, 3, device="cuda"), torch.randn(2, 3, device="cuda")
-    loss = moco_loss(qq, kk, q.keys, 0.1, torch.arange(2, device="cuda"), q.ids)
-    cpu = moco_loss(qq.cpu(), kk.cpu(), q.keys.cpu(), 0.1, torch.arange(2), q.ids.cpu())
+    loss = moco_loss(qq, kk, q.keys, temperature=0.1, ids=(torch.arange(2, device="cuda"), q.ids))
+    cpu = moco_loss(qq.cpu(), kk.cpu(), q.keys.cpu(), temperature=0.1, ids=(torch.arange(2), q.ids.cpu()))
     assert loss.is_cuda and loss.item() == pytest.approx(cpu.item(), rel=1e-5)
     key = MomentumEncoder(nn.Linear(3, 3)).cuda()
     online = nn.Linear(3, 3).cuda()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.losses import contrastive_loss, info_nce, mms_loss
-from mmalign.losses.info_nce import similarity
+from mmalign.retrieval import similarity
 from mmalign.miners import hardest_negatives, random_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ def all_negatives(n):
 def test_every_negative_mined_equals_the_whole_batch():
     a, b = batch()
     mined = all_negatives(6)
-    torch.testing.assert_close(info_nce(a, b, 0.1, negatives=mined), info_nce(a, b, 0.1))
-    torch.testing.assert_close(mms_loss(a, b, 0.2, 0.1, negatives=mined), mms_loss(a, b, 0.2, 0.1))
+    torch.testing.assert_close(info_nce(a, b, temperature=0.1, negatives=mined), info_nce(a, b, temperature=0.1))
+    torch.testing.assert_close(mms_loss(a, b, temperature=0.1, margin=0.2, negatives=mined), mms_loss(a, b, temperature=0.1, margin=0.2))
     sim = similarity(a, b)
     torch.testing.assert_close(contrastive_loss(sim, negatives=mined), contrastive_loss(sim))
 
@@ -47,7 +47,7 @@ def test_hand_worked_one_negative_each():
     neg = torch.tensor([[1], [-1], [0]])  # row 1 has none: its loss is -log 1 = 0
     expected_ab = (torch.logsumexp(s[0, [0, 1]], 0) - s[0, 0] + 0 + torch.logsumexp(s[2, [2, 0]], 0) - s[2, 2]) / 3
     expected_ba = (torch.logsumexp(s.T[0, [0, 1]], 0) - s[0, 0] + 0 + torch.logsumexp(s.T[2, [2, 0]], 0) - s[2, 2]) / 3
-    got = info_nce(a, b, 0.5, negatives=(neg, neg))
+    got = info_nce(a, b, temperature=0.5, negatives=(neg, neg))
     torch.testing.assert_close(got, 0.5 * (expected_ab + expected_ba))
 
 
@@ -55,19 +55,19 @@ def test_mined_info_nce_with_several_positives_and_gradients():
     a, b = batch(4)
     ids = torch.tensor([0, 0, 1, 2])
     sim = similarity(a, b)
-    mined = hardest_negatives(sim, ids, ids, k=1)
+    mined = hardest_negatives(sim, ids=ids, k=1)
     a.requires_grad_(True)
-    loss = info_nce(a, b, 0.1, labels_a=ids, labels_b=ids, negatives=mined)
+    loss = info_nce(a, b, temperature=0.1, ids=ids, negatives=mined)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
-    assert torch.autograd.gradcheck(lambda x: info_nce(x, b, 0.1, labels_a=ids, labels_b=ids, negatives=mined),
+    assert torch.autograd.gradcheck(lambda x: info_nce(x, b, temperature=0.1, ids=ids, negatives=mined),
                                     (a.detach().clone().requires_grad_(True),))
 
 
 def test_random_negatives_feed_mms_at_low_temperature_without_nan():
     a, b = batch(8)
     mined = random_negatives(similarity(a, b), k=2, generator=torch.Generator().manual_seed(0))
-    loss = mms_loss(a.float(), b.float(), 0.2, 0.01, negatives=mined)
+    loss = mms_loss(a.float(), b.float(), temperature=0.01, margin=0.2, negatives=mined)
     assert torch.isfinite(loss)
 
 

@@ -74,7 +74,7 @@ def tied_case(seed, n_img=9, n_txt=11, n_items=5):
 @pytest.mark.parametrize("k", [1, 3, 12])  # 12 > every anchor's number of negatives
 def test_hardest_matches_loop(seed, k):
     sim, img_ids, txt_ids, _, _ = tied_case(seed)
-    ni, nt = hardest_negatives(sim, img_ids, txt_ids, k=k)
+    ni, nt = hardest_negatives(sim, ids=(img_ids, txt_ids), k=k)
     ri, rt = ref_hardest(sim, img_ids.tolist(), txt_ids.tolist(), k)
     assert ni.dtype == nt.dtype == torch.long
     assert ni.shape == (9, k) and nt.shape == (11, k)
@@ -97,14 +97,14 @@ def test_ties_in_index_order_on_wide_rows():
     g = torch.Generator().manual_seed(0)
     sim = torch.randint(0, 3, (3, 3000), generator=g).float()
     img_ids, txt_ids = torch.arange(3), torch.arange(3000) % 7
-    ni, nt = hardest_negatives(sim, img_ids, txt_ids, k=40)
+    ni, nt = hardest_negatives(sim, ids=(img_ids, txt_ids), k=40)
     ri, rt = ref_hardest(sim, img_ids.tolist(), txt_ids.tolist(), 40)
     assert ni.tolist() == ri and nt.tolist() == rt
 
 
 def test_all_same_id_gives_no_negatives():
     sim = torch.rand(3, 4)
-    ni, nt = hardest_negatives(sim, torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), k=2)
+    ni, nt = hardest_negatives(sim, ids=(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)), k=2)
     assert (ni == -1).all() and (nt == -1).all()
 
 
@@ -115,8 +115,7 @@ def test_all_same_id_gives_no_negatives():
 @pytest.mark.parametrize("margin", [0.25, 0.6])
 def test_semi_hard_matches_loop(seed, k, fallback, margin):
     sim, img_ids, txt_ids, p_img, p_txt = tied_case(seed)
-    ni, nt = semi_hard_negatives(sim, img_ids, txt_ids, margin=margin, k=k, fallback=fallback,
-                                 pos_for_images=p_img, pos_for_texts=p_txt)
+    ni, nt = semi_hard_negatives(sim, margin=margin, ids=(img_ids, txt_ids), k=k, fallback=fallback, pos_for_images=p_img, pos_for_texts=p_txt)
     ri, rt = ref_semi_hard(sim, img_ids.tolist(), txt_ids.tolist(), margin, k, fallback, p_img.tolist(), p_txt.tolist())
     assert ni.tolist() == ri and nt.tolist() == rt
 
@@ -141,7 +140,7 @@ def test_semi_hard_window_is_strict_and_fallback_differs():
 # ---------------------------------------------------------------- random
 def test_random_negatives_valid_without_replacement_and_padded():
     sim, img_ids, txt_ids, _, _ = tied_case(0)
-    ni, nt = random_negatives(sim, img_ids, txt_ids, k=12, generator=torch.Generator().manual_seed(1))
+    ni, nt = random_negatives(sim, ids=(img_ids, txt_ids), k=12, generator=torch.Generator().manual_seed(1))
     for a in range(9):
         got = [j for j in ni[a].tolist() if j >= 0]
         want = {j for j in range(11) if img_ids[a] != txt_ids[j]}
@@ -154,9 +153,9 @@ def test_random_negatives_valid_without_replacement_and_padded():
 
 def test_random_negatives_never_same_id_and_deterministic():
     sim, img_ids, txt_ids, _, _ = tied_case(3)
-    a = random_negatives(sim, img_ids, txt_ids, k=2, generator=torch.Generator().manual_seed(7))
-    b = random_negatives(sim, img_ids, txt_ids, k=2, generator=torch.Generator().manual_seed(7))
-    c = random_negatives(sim, img_ids, txt_ids, k=2, generator=torch.Generator().manual_seed(8))
+    a = random_negatives(sim, ids=(img_ids, txt_ids), k=2, generator=torch.Generator().manual_seed(7))
+    b = random_negatives(sim, ids=(img_ids, txt_ids), k=2, generator=torch.Generator().manual_seed(7))
+    c = random_negatives(sim, ids=(img_ids, txt_ids), k=2, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not (torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]))
     ni, nt = a
@@ -172,7 +171,7 @@ def test_random_negatives_uniform(k):
     n, m = 6000, 6
     sim = torch.zeros(n, m)
     img_ids, txt_ids = torch.zeros(n, dtype=torch.long), torch.arange(m)
-    ni, nt = random_negatives(sim, img_ids, txt_ids, k=k, generator=torch.Generator().manual_seed(0))
+    ni, nt = random_negatives(sim, ids=(img_ids, txt_ids), k=k, generator=torch.Generator().manual_seed(0))
     assert (ni != 0).all() and (ni[:, :1] != ni[:, 1:]).all()  # never the positive, no repeats
     counts = torch.bincount(ni.flatten(), minlength=m)[1:].double()
     expected = n * k / 5
@@ -184,25 +183,25 @@ def test_random_negatives_uniform(k):
 # ---------------------------------------------------------------- diagnostics
 def test_gaps_and_violation_fraction_match_loop():
     sim, img_ids, txt_ids, p_img, p_txt = tied_case(2)
-    ni, nt = hardest_negatives(sim, img_ids, txt_ids, k=12)
+    ni, nt = hardest_negatives(sim, ids=(img_ids, txt_ids), k=12)
     gi, gt = anchor_negative_gaps(sim, ni, nt, pos_for_images=p_img, pos_for_texts=p_txt)
     S = sim.tolist()
     ref_i = [S[i][p_img[i]] - S[i][j] for i in range(9) for j in ni[i].tolist() if j >= 0]
     ref_t = [S[p_txt[j]][j] - S[i][j] for j in range(11) for i in nt[j].tolist() if i >= 0]
     assert gi.tolist() == pytest.approx(ref_i) and gt.tolist() == pytest.approx(ref_t)
     for margin in (0.0, 0.2, 1.0):
-        frac = margin_violation_fraction(sim, ni, nt, margin, pos_for_images=p_img, pos_for_texts=p_txt)
+        frac = margin_violation_fraction(sim, ni, nt, margin=margin, pos_for_images=p_img, pos_for_texts=p_txt)
         ref = sum(g < margin for g in ref_i + ref_t) / len(ref_i + ref_t)
         assert float(frac) == pytest.approx(ref)
     empty = torch.full((9, 1), -1), torch.full((11, 1), -1)
-    assert math.isnan(float(margin_violation_fraction(sim, *empty, 0.2, p_img, p_txt)))
+    assert math.isnan(float(margin_violation_fraction(sim, *empty, margin=0.2, pos_for_images=p_img, pos_for_texts=p_txt)))
 
 
 def test_violation_fraction_hand_case():
     sim = torch.tensor([[0.9, 0.8], [0.1, 0.5]])
     ni, nt = hardest_negatives(sim, k=1)  # ni = [[1],[0]], nt = [[1],[0]]
     # gaps: img0 0.9-0.8=0.1, img1 0.5-0.1=0.4, txt0 0.9-0.1=0.8, txt1 0.5-0.8=-0.3
-    assert float(margin_violation_fraction(sim, ni, nt, 0.2)) == pytest.approx(2 / 4)
+    assert float(margin_violation_fraction(sim, ni, nt, margin=0.2)) == pytest.approx(2 / 4)
 
 
 # ---------------------------------------------------------------- bad input
@@ -216,10 +215,10 @@ def test_bad_inputs():
         random_negatives(sim, k=1.5)
     with pytest.raises(ValueError, match="not square"):
         hardest_negatives(torch.rand(3, 4))
-    with pytest.raises(ValueError, match="both img_ids and txt_ids"):
-        hardest_negatives(sim, img_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="one ids tensor labels both sides"):
+        hardest_negatives(torch.rand(3, 4), ids=torch.arange(3))
     with pytest.raises(ValueError, match="one id per row"):
-        hardest_negatives(sim, torch.arange(3), torch.arange(4))
+        hardest_negatives(sim, ids=(torch.arange(3), torch.arange(4)))
     with pytest.raises(ValueError, match="NaN or inf"):
         hardest_negatives(torch.tensor([[0.0, float("nan")], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="floating-point"):
@@ -229,14 +228,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="fallback must be"):
         semi_hard_negatives(sim, fallback="easy")
     with pytest.raises(ValueError, match="pass pos_for_images"):
-        semi_hard_negatives(torch.rand(3, 4), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 0]))
+        semi_hard_negatives(torch.rand(3, 4), ids=(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 0])))
     with pytest.raises(ValueError, match="different id"):
         semi_hard_negatives(sim, pos_for_images=torch.tensor([1, 0, 2, 3]))
     with pytest.raises(ValueError, match="neg_for_images must be"):
-        margin_violation_fraction(sim, torch.zeros(3, 1, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long), 0.2)
+        margin_violation_fraction(sim, torch.zeros(3, 1, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long), margin=0.2)
     with pytest.raises(ValueError, match="outside"):
-        anchor_negative_gaps(torch.rand(2, 3), torch.zeros(2, 1, dtype=torch.long), torch.full((3, 1), 2),
-                             torch.tensor([0, 1]), torch.tensor([0, 1, 0]))
+        anchor_negative_gaps(torch.rand(2, 3), torch.zeros(2, 1, dtype=torch.long), torch.full((3, 1), 2), pos_for_images=torch.tensor([0, 1]), pos_for_texts=torch.tensor([0, 1, 0]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -247,5 +245,5 @@ def test_cuda_matches_cpu():
         gpu = fn(sim.cuda(), img_ids.cuda(), txt_ids.cuda(), k=3, **{n: v.cuda() for n, v in kw.items()})
         assert gpu[0].is_cuda and torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
     g = torch.Generator(device="cuda").manual_seed(0)
-    ni, _ = random_negatives(sim.cuda(), img_ids, txt_ids, k=2, generator=g)
+    ni, _ = random_negatives(sim.cuda(), ids=(img_ids, txt_ids), k=2, generator=g)
     assert ni.is_cuda

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmalign.retrieval as R
-from mmalign.retrieval import chance_recall, precision_at_k, recall_at_k, retrieval_report, top_k
+from mmalign.retrieval import as_percentages, chance_recall, precision_at_k, recall_at_k, retrieval_report, top_k
 
 
 # ---------------------------------------------------------------- helpers
@@ -102,15 +102,25 @@ def test_collapsed_model_scores_chance_not_100():
     assert i2t[1] == pytest.approx(0.25) and i2t[1] < 1.0
 
 
-def test_perfect_model_scores_100():
+def test_perfect_model_scores_1_and_100_percent():
     torch.manual_seed(1)
     img = torch.randn(10, 32)
     txt = img.repeat_interleave(5, 0)  # 5 captions, all exactly on their image
     ids_i, ids_t = torch.arange(10), torch.arange(10).repeat_interleave(5)
     report = retrieval_report(img, txt, ids_i, ids_t, ks=(1, 5, 10))
+    percent = as_percentages(report)
     for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
-        assert report[key] == pytest.approx(100.0)
-    assert report["rsum"] == pytest.approx(600.0)
+        assert report[key] == pytest.approx(1.0) and percent[key] == pytest.approx(100.0)
+    assert report["rsum"] == pytest.approx(6.0) and percent["rsum"] == pytest.approx(600.0)
+
+
+def test_as_percentages_scales_fractions_and_refuses_percentages():
+    report = {"i2t_R@1": 0.25, "t2i_R@1": 0.5, "rsum": 0.75}
+    assert as_percentages(report) == {"i2t_R@1": 25.0, "t2i_R@1": 50.0, "rsum": 75.0}
+    with pytest.raises(ValueError, match="in percent already"):
+        as_percentages(as_percentages(report))
+    with pytest.raises(ValueError, match="the dict that retrieval_report returns"):
+        as_percentages({"i2t_R@1": 0.5})
 
 
 def test_chunked_equals_unchunked_and_matches_loop():
@@ -133,8 +143,8 @@ def test_retrieval_report_keys_values_and_symmetry():
     assert list(rep) == ["i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rsum"]
     i2t = recall_at_k(img, txt, ids_i, ids_t, ks=(1, 5))
     t2i = recall_at_k(txt, img, ids_t, ids_i, ks=(1, 5))
-    assert rep["i2t_R@5"] == pytest.approx(100 * i2t[5]) and rep["t2i_R@1"] == pytest.approx(100 * t2i[1])
-    assert rep["rsum"] == pytest.approx(100 * (i2t[1] + i2t[5] + t2i[1] + t2i[5]))
+    assert rep["i2t_R@5"] == pytest.approx(i2t[5]) and rep["t2i_R@1"] == pytest.approx(t2i[1])
+    assert rep["rsum"] == pytest.approx(i2t[1] + i2t[5] + t2i[1] + t2i[5])
     swapped = retrieval_report(txt, img, ids_t, ids_i, ks=(1, 5))
     for k in (1, 5):
         assert swapped[f"i2t_R@{k}"] == pytest.approx(rep[f"t2i_R@{k}"])
@@ -206,7 +216,7 @@ def _ok():
 @pytest.mark.parametrize("make,match", [
     (lambda q, g, qi, gi: (q[0], g, qi, gi, (1,)), "must be 2-d"),
     (lambda q, g, qi, gi: (q, g[:, :3], qi, gi, (1,)), "query dim 4 != gallery dim 3"),
-    (lambda q, g, qi, gi: (q, g[:0], qi, [], (1,)), "empty query set or gallery"),
+    (lambda q, g, qi, gi: (q, g[:0], qi, [], (1,)), "empty query or gallery"),
     (lambda q, g, qi, gi: (q, g, qi, gi, (1, 6)), "1 <= K <= gallery size"),
     (lambda q, g, qi, gi: (q, g, qi, gi, (0,)), "1 <= K <= gallery size"),
     (lambda q, g, qi, gi: (q, g, qi, gi, ()), "1 <= K <= gallery size"),

@@ -37,7 +37,7 @@ def test_training_moves_the_temperature_and_the_clamp_holds():
     opt = torch.optim.SGD(temp.parameters(), lr=5.0)
     for _ in range(50):  # perfectly aligned pairs: a lower temperature always lowers the loss
         opt.zero_grad()
-        mms_loss(a, a, 0.0, temp()).backward()
+        mms_loss(a, a, temperature=temp(), margin=0.0).backward()
         opt.step()
     assert abs(temp().item() - 0.25) < 1e-6  # pushed to the bound, and held there
     assert temp.log_scale.item() > math.log(4.0)  # the raw parameter went past it; the clamp stops the gradient

@@ -57,7 +57,7 @@ def test_loss_decreases_dual_encoder_info_nce():
 
     def step(m, batch):
         a, b, i = batch
-        return info_nce(m["img"](a), m["txt"](b), 0.1, i, i)
+        return info_nce(m["img"](a), m["txt"](b), temperature=0.1, ids=i)
 
     hist = fit(model, step, (img, txt, ids), optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                epochs=15, batch_size=32, device="cpu", progress=False)

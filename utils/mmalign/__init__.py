@@ -7,7 +7,7 @@ bare ``import mmalign`` without importing plotting or notebook code (which need 
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _SUBMODULES = ("checks", "config", "data", "dist", "evaluation", "experiments", "labs", "losses", "memory",
                "miners", "models", "optim", "ot", "plots", "recipes", "retrieval", "train", "widgets")

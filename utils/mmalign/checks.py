@@ -20,6 +20,8 @@ The rules:
   exact ``isfinite`` pass count the bad values for the message.
 - Errors are raised at the boundary of the public function, never from inside torch or numpy.
 
+Typical use::
+
     from mmalign.checks import check_embeddings, check_positive
     check_embeddings("a", a)                       # 2-d float, non-empty, finite
     check_positive("temperature", temperature)
@@ -40,7 +42,7 @@ __all__ = [
     "enabled", "disabled", "set_enabled", "check_tensor", "check_embeddings", "check_finite", "check_all_finite",
     "check_finite_result",
     "check_same_width", "check_real", "check_positive", "check_nonnegative", "check_int", "check_probability",
-    "check_choice", "check_ids", "check_mask",
+    "check_choice", "check_ids", "check_id_pair", "check_mask",
 ]
 
 _state = threading.local()
@@ -186,6 +188,35 @@ def check_ids(name: str, ids, n: int, device=None) -> torch.Tensor:
     if t.shape != (n,):
         raise ValueError(f"{name} must be 1-d with one id per row ({n} rows), got shape {tuple(t.shape)}")
     return t.long()
+
+
+def check_id_pair(ids, n_a: int, n_b: int, device=None, sides: tuple[str, str] = ("a", "b"),
+                  name: str = "ids") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``ids`` argument of the losses and miners, as ``(ids of the first side (n_a,), ids of the
+    second (n_b,))`` LongTensors, or None when it is None (the diagonal pairs).
+
+    ``ids`` is one (n,) tensor when both sides share the ids (a paired batch: n_a == n_b == n) or a pair
+    ``(ids_a, ids_b)`` when they differ; a None inside the pair means ``arange`` for that side.
+    """
+    if ids is None:
+        return None
+    if isinstance(ids, (tuple, list)) and len(ids) == 2 and not all(isinstance(i, (int, numbers.Integral)) for i in ids):
+        first, second = ids
+    elif isinstance(ids, (tuple, list)) and len(ids) != n_a:
+        raise ValueError(f"{name} must be one ({n_a},) tensor or a pair (ids of {sides[0]}, ids of {sides[1]}), "
+                         f"got a {type(ids).__name__} of {len(ids)} items")
+    else:
+        if n_a != n_b:
+            raise ValueError(f"one {name} tensor labels both sides, but {sides[0]} has {n_a} rows and {sides[1]} "
+                             f"{n_b}: pass {name}=(ids of {sides[0]}, ids of {sides[1]})")
+        first = second = ids
+    out = []
+    for side, part, n in ((sides[0], first, n_a), (sides[1], second, n_b)):
+        if part is None:
+            out.append(torch.arange(n, device=device))
+        else:
+            out.append(check_ids(f"{name} of {side}", part, n, device=device))
+    return out[0], out[1]
 
 
 def check_mask(name: str, mask, shape: tuple[int, ...], device=None) -> torch.Tensor:

@@ -39,6 +39,7 @@ import socket
 import torch
 import torch.distributed as td
 
+from ._deprecation import keyword_settings
 from .checks import check_embeddings, check_positive
 from .losses import info_nce
 
@@ -172,17 +173,19 @@ def rank_offset_labels(n_local: int, device=None) -> torch.Tensor:
     return rank() * n_local + torch.arange(n_local, device=device)
 
 
-def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07,
-                      ids: torch.Tensor | None = None, ids_b: torch.Tensor | None = None,
+@keyword_settings(old_order=("temperature", "ids", "ids_b", "normalize"), id_pairs={("ids", "ids_b"): "ids"})
+def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.07, ids=None,
                       normalize: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE of the whole (gathered) batch, computed on every rank: the single-process
     :func:`mmalign.losses.info_nce` of the concatenation of every rank's ``a`` and ``b``.
 
     Args:
         a, b: (n, D) local embeddings of the two views on this rank (same n on every rank).
-        ids: optional (n,) item ids of ``a`` (e.g. scene ids); ``ids_b`` those of ``b`` (default: ``ids``).
-            Gathered across ranks, so items with equal ids on different ranks are positives. Without
-            ids, the rank offset makes the global diagonal the positives.
+        temperature: tau > 0.
+        ids: optional (n,) item ids shared by ``a`` and ``b`` (e.g. scene ids), or a pair ``(ids of a,
+            ids of b)``. Gathered across ranks, so items with equal ids on different ranks are positives.
+            Without ids, the rank offset makes the global diagonal the positives.
+        normalize: L2-normalise a and b first (cosine similarity).
     Returns:
         The scalar global loss, equal on every rank; its gradient, averaged over ranks by the training
         loop, equals the single-process gradient.
@@ -190,15 +193,19 @@ def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.0
     a = check_embeddings("a", a)
     b = check_embeddings("b", b)
     check_positive("temperature", temperature)
-    if ids is None and ids_b is not None:
-        raise ValueError("ids_b was given without ids: pass the ids of a as well (or neither)")
+    if isinstance(ids, (tuple, list)) and len(ids) == 2 and not all(isinstance(i, int) for i in ids):
+        ids, ids_b = ids
+        if ids is None or ids_b is None:
+            raise ValueError("ids=(ids of a, ids of b) needs both sides; pass one tensor when a and b share ids")
+    else:
+        ids_b = None
     if ids is None:
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"without ids a and b need the same number of rows, got {a.shape[0]} and {b.shape[0]}")
         ids = ids_b = rank_offset_labels(a.shape[0], a.device)
     ids_b = ids if ids_b is None else ids_b
     if not is_distributed():
-        return info_nce(a, b, temperature, labels_a=ids, labels_b=ids_b, normalize=normalize)
+        return info_nce(a, b, temperature=temperature, ids=(ids, ids_b), normalize=normalize)
     if a.shape[0] == b.shape[0] and a.shape[1] == b.shape[1] and a.dtype == b.dtype:
         # one collective for both views (and one for both id vectors): [a | b] side by side
         ga, gb = all_gather(torch.cat([a, b], 1)).split(a.shape[1], dim=1)
@@ -208,7 +215,7 @@ def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.0
         ga, gb = all_gather(a), all_gather(b)
         gi, gib = all_gather_ids(torch.as_tensor(ids, device=a.device)), all_gather_ids(
             torch.as_tensor(ids_b, device=b.device))
-    return info_nce(ga, gb, temperature, labels_a=gi, labels_b=gib, normalize=normalize)
+    return info_nce(ga, gb, temperature=temperature, ids=(gi, gib), normalize=normalize)
 
 
 def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor:

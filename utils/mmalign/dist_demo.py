@@ -37,12 +37,12 @@ TEMPERATURE = 0.07
 
 def local_pair_loss(zi, zt, ids):
     """InfoNCE over this process's pairs only (the negatives of B/W rows)."""
-    return info_nce(zi, zt, TEMPERATURE, labels_a=ids, labels_b=ids)
+    return info_nce(zi, zt, temperature=TEMPERATURE, ids=ids)
 
 
 def gathered_pair_loss(zi, zt, ids):
     """InfoNCE over the whole global batch, gathered across processes."""
-    return dist.gathered_info_nce(zi, zt, TEMPERATURE, ids)
+    return dist.gathered_info_nce(zi, zt, temperature=TEMPERATURE, ids=ids)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -67,7 +67,7 @@ def comm_vs_compute(model, d_img: int, d_txt: int, sizes, repeats: int = 10) -> 
         def compute():
             model.zero_grad(set_to_none=True)
             zi, zt = model(img, txt)
-            info_nce(zi, zt, TEMPERATURE, ids, ids).backward()
+            info_nce(zi, zt, temperature=TEMPERATURE, ids=ids).backward()
 
         with torch.no_grad():
             zi, zt = model(img, txt)

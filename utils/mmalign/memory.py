@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from ._deprecation import keyword_settings
 from .checks import check_finite, check_ids, check_int, check_real
 from .miners import _check_k, _check_sim, _negative_mask, _paired_positive, _topk_rows
 
@@ -136,22 +137,25 @@ class HardNegativeMemory(_RingBuffer):
         device, dtype: where and how the features are stored (float32 by default).
     """
 
-    def write(self, features: torch.Tensor, item_ids: torch.Tensor) -> None:
-        """Store (n, dim) ``features`` with their (n,) ``item_ids``; a batch larger than the
+    @keyword_settings(renamed={"item_ids": "ids"})
+    def write(self, features: torch.Tensor, ids: torch.Tensor) -> None:
+        """Store (n, dim) ``features`` with their (n,) item ``ids``; a batch larger than the
         memory keeps its last ``size`` rows. Features are detached and cast to the memory's dtype."""
-        self._write(features, item_ids)
+        self._write(features, ids)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(features (count, dim), item_ids (count,))`` of the filled slots, in slot order."""
+        """``(features (count, dim), ids (count,))`` of the filled slots, in slot order."""
         return self._valid()
 
     @staticmethod
+    @keyword_settings(old_order=("k", "margin", "row_ids", "col_ids", "pos_for_cols"),
+                      id_pairs={("row_ids", "col_ids"): "ids"})
     def select_violators(
         sim: torch.Tensor,
+        *,
         k: int = 1,
         margin: float = 0.2,
-        row_ids: torch.Tensor | None = None,
-        col_ids: torch.Tensor | None = None,
+        ids=None,
         pos_for_cols: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Rows of ``sim`` that are among the k worst margin violators of some column anchor.
@@ -170,7 +174,8 @@ class HardNegativeMemory(_RingBuffer):
             sim: (B_rows, B_cols) similarity matrix, detached or not (only indices come out).
             k: violators nominated per anchor (>= 1).
             margin: m; m = 0 keeps only negatives ranked above the positive.
-            row_ids, col_ids: optional item ids of rows and columns; default: the diagonal pairs.
+            ids: optional item ids, one (B,) tensor for a square ``sim`` or a pair ``(row ids, column ids)``;
+                default: the diagonal pairs.
             pos_for_cols: optional (B_cols,) row index of each anchor's positive.
 
         Returns:
@@ -182,7 +187,7 @@ class HardNegativeMemory(_RingBuffer):
         _check_sim(sim)
         _check_k(k)
         margin = check_real("margin", margin)
-        valid = _negative_mask(sim, row_ids, col_ids)
+        valid = _negative_mask(sim, ids)
         s_pos = _paired_positive(sim.T, valid.T, pos_for_cols, "pos_for_cols")  # (cols,)
         excess = sim - s_pos[None, :]  # (rows, cols)
         picked = _topk_rows(excess.T, valid.T & (excess.T > -margin), k)  # (cols, k) row indices
@@ -210,9 +215,10 @@ class MoCoQueue(_RingBuffer):
         device, dtype: where and how the keys are stored (float32 by default).
     """
 
-    def enqueue(self, keys: torch.Tensor, item_ids: torch.Tensor) -> None:
-        """Append (n, dim) ``keys`` (detached) with their (n,) ``item_ids``, dropping the oldest."""
-        self._write(keys, item_ids)
+    @keyword_settings(renamed={"item_ids": "ids"})
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Append (n, dim) ``keys`` (detached) with their (n,) item ``ids``, dropping the oldest."""
+        self._write(keys, ids)
 
     @property
     def keys(self) -> torch.Tensor:

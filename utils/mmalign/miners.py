@@ -1,7 +1,8 @@
 """Negative miners: pick, for every anchor of a similarity matrix, which negatives a triplet loss uses.
 
 Conventions (CONTRIBUTING.md): ``sim`` is ``(B_img, B_txt)``, rows are images, columns are captions;
-``img_ids`` / ``txt_ids`` say which rows and columns are the same item, and a pair with equal ids is
+``ids`` (one tensor for a square ``sim``, or a pair (row ids, column ids)) say which rows and
+columns are the same item, and a pair with equal ids is
 never a negative. Every miner works in both directions and returns
 
 * ``neg_for_images`` ``(B_img, k)``: caption column indices, the negatives of each image anchor;
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_finite, check_ids, check_real
+from ._deprecation import keyword_settings
+from .checks import check_finite, check_id_pair, check_real
 
 __all__ = [
     "random_negatives",
@@ -57,26 +59,16 @@ def _check_k(k: int) -> None:
         raise ValueError(f"k must be a positive integer (negatives per anchor), got {k!r}")
 
 
-def _negative_mask(sim: torch.Tensor, img_ids, txt_ids) -> torch.Tensor:
+def _negative_mask(sim: torch.Tensor, ids) -> torch.Tensor:
     """(B_img, B_txt) bool mask of valid negatives: pairs whose item ids differ."""
     n_img, n_txt = sim.shape
-    if img_ids is None and txt_ids is None:
-        if n_img != n_txt:
-            raise ValueError(
-                f"sim is {n_img}x{n_txt} (not square): pass img_ids and txt_ids to say which rows and columns match"
-            )
+    if ids is None and n_img != n_txt:
+        raise ValueError(f"sim is {n_img}x{n_txt} (not square): pass ids=(row ids, column ids) to say which rows "
+                         "and columns match")
+    pair = check_id_pair(ids, n_img, n_txt, device=sim.device, sides=("rows", "columns"))
+    if pair is None:
         return ~torch.eye(n_img, dtype=torch.bool, device=sim.device)
-    if img_ids is None or txt_ids is None:
-        raise ValueError("pass both img_ids and txt_ids, or neither (then the diagonal pairs rows with columns)")
-    img_ids = torch.as_tensor(img_ids, device=sim.device)
-    txt_ids = torch.as_tensor(txt_ids, device=sim.device)
-    if img_ids.shape != (n_img,) or txt_ids.shape != (n_txt,):
-        raise ValueError(
-            f"ids must be 1-d with one id per row/column of sim {tuple(sim.shape)}: "
-            f"got img_ids {tuple(img_ids.shape)} and txt_ids {tuple(txt_ids.shape)}"
-        )
-    img_ids, txt_ids = check_ids("img_ids", img_ids, n_img), check_ids("txt_ids", txt_ids, n_txt)
-    return img_ids[:, None] != txt_ids[None, :]
+    return pair[0][:, None] != pair[1][None, :]
 
 
 def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor:
@@ -130,10 +122,11 @@ def _paired_positive(s: torch.Tensor, valid, pos, name: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # miners
 # --------------------------------------------------------------------------------------------------
+@keyword_settings(old_order=("img_ids", "txt_ids", "k", "generator"), id_pairs={("img_ids", "txt_ids"): "ids"})
 def random_negatives(
     sim: torch.Tensor,
-    img_ids: torch.Tensor | None = None,
-    txt_ids: torch.Tensor | None = None,
+    *,
+    ids=None,
     k: int = 1,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +138,8 @@ def random_negatives(
 
     Args:
         sim: (B_img, B_txt) similarity matrix.
-        img_ids, txt_ids: optional (B_img,) and (B_txt,) item ids; default: the diagonal pairs.
+        ids: optional item ids, one (B,) tensor for a square ``sim`` or a pair ``(row ids (B_img,), column ids
+            (B_txt,))``; equal ids are never negatives. Default: the diagonal pairs.
         k: negatives per anchor (>= 1); anchors with fewer valid negatives are padded with -1.
         generator: a ``torch.Generator`` for reproducible draws (on any device; the draw is moved
             to ``sim``'s device). The same generator state always gives the same negatives.
@@ -155,7 +149,7 @@ def random_negatives(
     """
     _check_sim(sim)
     _check_k(k)
-    valid = _negative_mask(sim, img_ids, txt_ids)
+    valid = _negative_mask(sim, ids)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     gen_device = generator.device if generator is not None else sim.device
@@ -163,10 +157,11 @@ def random_negatives(
     return _topk_rows(u, valid, k), _topk_rows(u.T, valid.T, k)
 
 
+@keyword_settings(old_order=("img_ids", "txt_ids", "k"), id_pairs={("img_ids", "txt_ids"): "ids"})
 def hardest_negatives(
     sim: torch.Tensor,
-    img_ids: torch.Tensor | None = None,
-    txt_ids: torch.Tensor | None = None,
+    *,
+    ids=None,
     k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The k most similar valid negatives of every anchor, in both directions (VSE++ style).
@@ -180,7 +175,8 @@ def hardest_negatives(
 
     Args:
         sim: (B_img, B_txt) similarity matrix.
-        img_ids, txt_ids: optional (B_img,) and (B_txt,) item ids; default: the diagonal pairs.
+        ids: optional item ids, one (B,) tensor for a square ``sim`` or a pair ``(row ids (B_img,), column ids
+            (B_txt,))``; equal ids are never negatives. Default: the diagonal pairs.
         k: negatives per anchor (>= 1); -1 where fewer than k valid negatives exist.
 
     Returns:
@@ -188,15 +184,17 @@ def hardest_negatives(
     """
     _check_sim(sim)
     _check_k(k)
-    valid = _negative_mask(sim, img_ids, txt_ids)
+    valid = _negative_mask(sim, ids)
     return _topk_rows(sim, valid, k), _topk_rows(sim.T, valid.T, k)
 
 
+@keyword_settings(old_order=("img_ids", "txt_ids", "margin", "k", "fallback", "pos_for_images", "pos_for_texts"),
+                  id_pairs={("img_ids", "txt_ids"): "ids"})
 def semi_hard_negatives(
     sim: torch.Tensor,
-    img_ids: torch.Tensor | None = None,
-    txt_ids: torch.Tensor | None = None,
+    *,
     margin: float = 0.2,
+    ids=None,
     k: int = 1,
     fallback: str = "hardest",
     pos_for_images: torch.Tensor | None = None,
@@ -221,7 +219,8 @@ def semi_hard_negatives(
 
     Args:
         sim: (B_img, B_txt) similarity matrix.
-        img_ids, txt_ids: optional (B_img,) and (B_txt,) item ids; default: the diagonal pairs.
+        ids: optional item ids, one (B,) tensor for a square ``sim`` or a pair ``(row ids (B_img,), column ids
+            (B_txt,))``; equal ids are never negatives. Default: the diagonal pairs.
         margin: m > 0, the width of the window below the positive.
         k: negatives per anchor (>= 1); -1 pads anchors with fewer semi-hard negatives.
         fallback: ``"hardest"``: an anchor with *no* semi-hard negative gets its k hardest
@@ -239,7 +238,7 @@ def semi_hard_negatives(
         raise ValueError(f"margin must be > 0 for semi-hard mining (window (s_pos - margin, s_pos)), got {margin}")
     if fallback not in ("hardest", "none"):
         raise ValueError(f"fallback must be 'hardest' or 'none', got {fallback!r}")
-    valid = _negative_mask(sim, img_ids, txt_ids)
+    valid = _negative_mask(sim, ids)
     s_pos_img = _paired_positive(sim, valid, pos_for_images, "pos_for_images")
     s_pos_txt = _paired_positive(sim.T, valid.T, pos_for_texts, "pos_for_texts")
     out = []
@@ -267,10 +266,12 @@ def _check_neg(name: str, neg: torch.Tensor, n_anchor: int, n_other: int) -> Non
         )
 
 
+@keyword_settings(old_order=("pos_for_images", "pos_for_texts"))
 def anchor_negative_gaps(
     sim: torch.Tensor,
     neg_for_images: torch.Tensor,
     neg_for_texts: torch.Tensor,
+    *,
     pos_for_images: torch.Tensor | None = None,
     pos_for_texts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,10 +306,12 @@ def anchor_negative_gaps(
     return out[0], out[1]
 
 
+@keyword_settings(old_order=("margin", "pos_for_images", "pos_for_texts"))
 def margin_violation_fraction(
     sim: torch.Tensor,
     neg_for_images: torch.Tensor,
     neg_for_texts: torch.Tensor,
+    *,
     margin: float,
     pos_for_images: torch.Tensor | None = None,
     pos_for_texts: torch.Tensor | None = None,
@@ -325,6 +328,7 @@ def margin_violation_fraction(
         A 0-d float tensor in [0, 1]; NaN when there is no triplet at all.
     """
     margin = check_real("margin", margin)
-    g_img, g_txt = anchor_negative_gaps(sim, neg_for_images, neg_for_texts, pos_for_images, pos_for_texts)
+    g_img, g_txt = anchor_negative_gaps(sim, neg_for_images, neg_for_texts, pos_for_images=pos_for_images,
+                                        pos_for_texts=pos_for_texts)
     gaps = torch.cat([g_img, g_txt]).float()
     return (gaps < margin).float().mean() if gaps.numel() else gaps.new_tensor(float("nan"))

@@ -17,7 +17,7 @@ from .config import Config
 from .data.features import FeatureSplit
 from .losses import info_nce
 from .models.heads import DualEncoder, ProjectionHead
-from .retrieval import retrieval_report
+from .retrieval import as_percentages, retrieval_report
 from .train import History, fit
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -25,7 +25,7 @@ PairLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def info_nce_pair_loss(temperature: float = 0.07) -> PairLoss:
     """``(z_img, z_txt, ids) -> InfoNCE`` with captions of the same scene as extra positives."""
-    return lambda zi, zt, ids: info_nce(zi, zt, temperature, labels_a=ids, labels_b=ids)
+    return lambda zi, zt, ids: info_nce(zi, zt, temperature=temperature, ids=ids)
 
 
 def make_dual_encoder(train: FeatureSplit, embed_dim: int, hidden_dim: int | None = None) -> DualEncoder:
@@ -36,12 +36,13 @@ def make_dual_encoder(train: FeatureSplit, embed_dim: int, hidden_dim: int | Non
 
 @torch.no_grad()
 def evaluate(model: DualEncoder, split: FeatureSplit, ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@K (percent) in both directions on a split: images vs all captions of the split."""
+    """Recall@K in percent (for tables; :func:`mmalign.retrieval.retrieval_report` gives fractions) in both
+    directions on a split: images vs all captions of the split."""
     model.eval()
     device = next(model.parameters()).device
     zi = model.encode_images(split.image.to(device))
     zt = model.encode_texts(split.text.to(device))
-    return retrieval_report(zi, zt, split.image_ids.to(device), split.text_ids.to(device), ks)
+    return as_percentages(retrieval_report(zi, zt, split.image_ids.to(device), split.text_ids.to(device), ks))
 
 
 def train_dual_encoder(train: FeatureSplit, val: FeatureSplit | None, cfg: Config,

@@ -26,7 +26,6 @@ from typing import Iterable
 import torch
 
 from .checks import check_all_finite, check_embeddings, check_ids, check_int, disabled
-from .losses.info_nce import _similarity
 
 
 def _check_embeddings(q: torch.Tensor, g: torch.Tensor, names: tuple[str, str] = ("query", "gallery")) -> None:
@@ -35,11 +34,11 @@ def _check_embeddings(q: torch.Tensor, g: torch.Tensor, names: tuple[str, str] =
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} embeddings must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 2 or g.dim() != 2:
-        raise ValueError(f"embeddings must be 2-d (n, dim); got query {tuple(q.shape)} and gallery {tuple(g.shape)}")
+        raise ValueError(f"embeddings must be 2-d (n, dim); got {names[0]} {tuple(q.shape)} and {names[1]} {tuple(g.shape)}")
     if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}: project both into the same space")
+        raise ValueError(f"{names[0]} dim {q.shape[1]} != {names[1]} dim {g.shape[1]}: project both into the same space")
     if q.shape[0] == 0 or g.shape[0] == 0:
-        raise ValueError(f"empty query set or gallery ({q.shape[0]} queries, {g.shape[0]} gallery items)")
+        raise ValueError(f"empty {names[0]} or {names[1]} ({q.shape[0]} rows in {names[0]}, {g.shape[0]} in {names[1]})")
     if q.device != g.device:
         raise ValueError(f"{names[0]} is on {q.device} but {names[1]} on {g.device}; move both to one device")
     for name, t in zip(names, (q, g)):
@@ -48,9 +47,31 @@ def _check_embeddings(q: torch.Tensor, g: torch.Tensor, names: tuple[str, str] =
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Cosine (or dot-product if ``normalize=False``) similarity with input checks: (N, D), (M, D) -> (N, M)."""
+    """(N, M) similarity ``a @ b.T`` (cosine if ``normalize``), in float32 or wider, autocast off.
+
+    The one similarity of the library: the losses, the miners' callers and retrieval all use it.
+    Half-precision inputs are upcast to float32; float64 stays float64 (for gradcheck). Autocast is
+    disabled here, so logits built from this matrix stay float32 inside a fp16/bf16 autocast region.
+
+    Args:
+        a: (N, D) embeddings; b: (M, D) embeddings, real floating, without NaN/inf (checked).
+        normalize: L2-normalise the rows of a and b first (cosine similarity).
+
+    Returns:
+        (N, M) similarities.
+    """
     _check_embeddings(a, b, ("a", "b"))
     return _similarity(a, b, normalize)
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """:func:`similarity` without the input checks (for callers that have checked already)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        a, b = a.to(dtype), b.to(dtype)
+        if normalize:
+            a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+        return a @ b.T
 
 
 def _check_ids(emb: torch.Tensor, ids, what: str) -> torch.Tensor:
@@ -148,17 +169,32 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, query_ids, gallery_i
 
 def retrieval_report(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids, text_ids,
                      ks: Iterable[int] = (1, 5, 10), chunk_size: int | None = None) -> dict[str, float]:
-    """Recall@K in both directions, as percentages: keys ``i2t_R@1``, ..., ``t2i_R@10``, ``rsum``.
+    """Recall@K in both directions as fractions in [0, 1], like :func:`recall_at_k`: keys ``i2t_R@1``, ...,
+    ``t2i_R@10`` and ``rsum``, their sum (0..2 len(ks)).
 
     i2t: each image queries the captions (a hit if any of its captions is in the top K).
-    t2i: each caption queries the images.
+    t2i: each caption queries the images. Papers print these as percentages (rsum out of 600 for
+    K = 1, 5, 10): :func:`as_percentages` converts a report for a table.
     """
     i2t = recall_at_k(image_emb, text_emb, image_ids, text_ids, ks, chunk_size)
     t2i = recall_at_k(text_emb, image_emb, text_ids, image_ids, ks, chunk_size)
-    report = {f"i2t_R@{k}": 100 * v for k, v in i2t.items()}
-    report.update({f"t2i_R@{k}": 100 * v for k, v in t2i.items()})
+    report = {f"i2t_R@{k}": v for k, v in i2t.items()}
+    report.update({f"t2i_R@{k}": v for k, v in t2i.items()})
     report["rsum"] = sum(report.values())
     return report
+
+
+def as_percentages(report: dict[str, float]) -> dict[str, float]:
+    """A :func:`retrieval_report` in percent, as tables and papers print it: every ``R@K`` times 100 and
+    ``rsum`` the sum of those (out of 600 for K = 1, 5, 10)."""
+    if not isinstance(report, dict) or "rsum" not in report:
+        raise ValueError("as_percentages takes the dict that retrieval_report returns (keys i2t_R@K, t2i_R@K, rsum)")
+    out = {key: 100 * v for key, v in report.items() if key != "rsum"}
+    if any(not 0 <= v <= 100 for v in out.values()):
+        raise ValueError("as_percentages expects fractions in [0, 1] (a retrieval_report); this report is in "
+                         "percent already")
+    out["rsum"] = sum(out.values())
+    return out
 
 
 def chance_recall(n_gallery: int, n_positives: int, k: int) -> float:

@@ -29,7 +29,7 @@ from ..config import Config, seed_everything
 from ..data.features import SequenceSplit, sequence_features
 from ..models.codis import Codis, CodisConfig
 from ..ot import cost_matrix, ipot, marginal_error, sinkhorn
-from ..retrieval import retrieval_report
+from ..retrieval import as_percentages, retrieval_report
 from ..train import fit
 
 COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
@@ -128,7 +128,7 @@ def evaluate(model: Codis, split: CodisData) -> dict:
     zi = model.encode_images(split.patches)
     zt = model.encode_texts(split.tokens, split.token_mask)
     model.train()
-    return retrieval_report(zi, zt, torch.arange(split.n_images), split.text_ids)
+    return as_percentages(retrieval_report(zi, zt, torch.arange(split.n_images), split.text_ids))
 
 
 def train_codis(train: CodisData, model_cfg: CodisConfig, *, epochs: int, batch_size: int, lr: float,

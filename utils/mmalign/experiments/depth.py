@@ -111,7 +111,7 @@ def make_model(train: FeatureSplit, variant: str, embed_dim: int) -> DualEncoder
 def labelled_info_nce(ids: torch.Tensor):
     """``(a, b, temperature) -> InfoNCE`` where rows with equal scene ids are positives (a batch repeats an
     image once per caption)."""
-    return lambda a, b, temperature=TEMPERATURE: info_nce(a, b, temperature, labels_a=ids, labels_b=ids)
+    return lambda a, b, temperature=TEMPERATURE: info_nce(a, b, temperature=temperature, ids=ids)
 
 
 def train_variant(variant: str, train: FeatureSplit, val: FeatureSplit | None, cfg: Config, weight: float = 1.0,
@@ -127,11 +127,12 @@ def train_variant(variant: str, train: FeatureSplit, val: FeatureSplit | None, c
         x, t, ids = batch
         zi, zt = m(x, t)
         if variant != "augmented":
-            return info_nce(zi, zt, TEMPERATURE, labels_a=ids, labels_b=ids)
+            return info_nce(zi, zt, temperature=TEMPERATURE, ids=ids)
         zd = m.image_head.encode_depth(x)
         if loss_fn is not None:
             return loss_fn(zi, zt, zd, ids)
-        return depth_augmented_view_loss(zi, zt, zd, TEMPERATURE, weight, pair_loss=labelled_info_nce(ids))
+        return depth_augmented_view_loss(zi, zt, zd, temperature=TEMPERATURE, weight=weight,
+                                         pair_loss=labelled_info_nce(ids))
 
     history = fit(model, step, train.pairs(), optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr),
                   epochs=epochs or epochs_for(cfg), batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,

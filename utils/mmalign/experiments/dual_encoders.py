@@ -45,7 +45,7 @@ def cosine_pair_loss(margin: float = 0.0, negatives_per_positive: int = 1, seed:
     gen = torch.Generator().manual_seed(seed)
 
     def loss(zi: torch.Tensor, zt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        ia, ib, target = make_signed_pairs(len(ids), negatives_per_positive, generator=gen, item_ids=ids)
+        ia, ib, target = make_signed_pairs(len(ids), negatives_per_positive=negatives_per_positive, generator=gen, ids=ids)
         return cosine_embedding_loss(zi[ia], zt[ib], target, margin=margin)
     return loss
 

@@ -217,7 +217,7 @@ def train_multilingual(train: MultilingualSplit, val: MultilingualSplit | None, 
         views = m(*inputs)
         if loss_fn is not None:
             return loss_fn(views, ids)
-        loss, _ = multiview_loss(views, mode, temperature=TEMPERATURE, labels_a=ids, labels_b=ids)
+        loss, _ = multiview_loss(views, mode=mode, temperature=TEMPERATURE, ids=ids)
         return loss
 
     eval_fn = (lambda m: {"score": score(evaluate_multilingual(m, val))}) if val is not None else None
@@ -228,10 +228,10 @@ def train_multilingual(train: MultilingualSplit, val: MultilingualSplit | None, 
     return model.cpu(), history
 
 
-def pair_recall(a: torch.Tensor, b: torch.Tensor, ids_a, ids_b, ks=KS) -> dict[int, float]:
-    """Recall@K (percent) between two sets of embeddings, mean of a -> b and b -> a."""
-    ab = recall_at_k(a, b, ids_a, ids_b, ks)
-    ba = recall_at_k(b, a, ids_b, ids_a, ks)
+def pair_recall(a: torch.Tensor, b: torch.Tensor, a_ids, b_ids, ks=KS) -> dict[int, float]:
+    """Recall@K (percent, for the chapter's tables) between two sets of embeddings, mean of a -> b and b -> a."""
+    ab = recall_at_k(a, b, a_ids, b_ids, ks)
+    ba = recall_at_k(b, a, b_ids, a_ids, ks)
     return {k: 50 * (ab[k] + ba[k]) for k in ks}
 
 

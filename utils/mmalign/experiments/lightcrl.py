@@ -38,7 +38,7 @@ from ..models.encoders import encode_cached, encode_sequences_cached
 from ..models.lightcrl import DFE_NAMES, FUSIONS, DeepFusionEncoder, count_parameters, parameter_table
 from ..recipes import evaluate as evaluate_dual_encoder
 from ..recipes import make_dual_encoder
-from ..retrieval import recall_at_k, retrieval_report
+from ..retrieval import as_percentages, recall_at_k, retrieval_report
 from ..train import History, fit
 
 TEMPERATURE = 0.07
@@ -141,7 +141,7 @@ def train_text_dfe(fusion: str, data: dict, cfg: Config, epochs: int | None = No
     seed_everything(cfg.seed)
     train, (_, val) = data["train"], data["val"]
     dfe = make_text_dfe(fusion, cfg, train)
-    loss_fn = loss_fn or (lambda za, zb, ids: info_nce(za, zb, TEMPERATURE, ids, ids))
+    loss_fn = loss_fn or (lambda za, zb, ids: info_nce(za, zb, temperature=TEMPERATURE, ids=ids))
 
     def step(m, batch):
         tok, mask, e5, ids = batch
@@ -251,7 +251,7 @@ def embed_texts(dfe: DeepFusionEncoder, tokens: torch.Tensor, mask: torch.Tensor
 def evaluate_image_text(dfe: DeepFusionEncoder, split: ImageTextSplit, ks=(1, 5, 10)) -> dict[str, float]:
     """Recall@K both ways (percent) and rsum, as chapter 0 reports them."""
     zi, zt = embed_images(dfe, split), embed_texts(dfe, split.tokens, split.mask)
-    return retrieval_report(zi, zt, torch.arange(len(zi)), split.text_ids, ks)
+    return as_percentages(retrieval_report(zi, zt, torch.arange(len(zi)), split.text_ids, ks))
 
 
 def train_image_text_dfe(fusion: str, train: ImageTextSplit, val: ImageTextSplit, cfg: Config,
@@ -273,7 +273,7 @@ def train_image_text_dfe(fusion: str, train: ImageTextSplit, val: ImageTextSplit
         rows = scenes * k + torch.randint(0, k, scenes.shape)
         zi = m(train.patches[scenes], "image")
         zt = m(train.tokens[rows], "text", train.mask[rows])
-        return info_nce(zi, zt, TEMPERATURE)
+        return info_nce(zi, zt, temperature=TEMPERATURE)
 
     history = fit(dfe, step, (torch.arange(len(train.patches)),),
                   optimizer=torch.optim.AdamW(dfe.parameters(), lr=cfg.lr), epochs=epochs or s["epochs"],
@@ -295,7 +295,7 @@ def train_baseline(train: ImageTextSplit, val: ImageTextSplit, cfg: Config, prog
         (scenes,) = batch
         rows = scenes * k + torch.randint(0, k, scenes.shape)
         zi, zt = m(train.pooled.image[scenes], train.pooled.text[rows])
-        return info_nce(zi, zt, TEMPERATURE)
+        return info_nce(zi, zt, temperature=TEMPERATURE)
 
     history = fit(model, step, (torch.arange(len(train.patches)),),
                   optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr), epochs=settings(cfg)["epochs"],
@@ -459,7 +459,7 @@ def dfe_cost(dfe: DeepFusionEncoder, train: ImageTextSplit, batch: int, steps: i
 
     def loss():
         return info_nce(dfe(train.patches[:batch], "image"), dfe(train.tokens[rows], "text", train.mask[rows]),
-                        TEMPERATURE)
+                        temperature=TEMPERATURE)
 
     return measure_step(loss, list(dfe.parameters()), steps)
 
@@ -483,7 +483,7 @@ def full_finetune_cost(train: ImageTextSplit, batch: int, steps: int, embed_dim:
     def loss():
         zi = heads[0](cnn.extract_features(images).mean((2, 3)))
         zt = heads[1](mean_pool(bert(**enc).last_hidden_state, enc["attention_mask"]))
-        return info_nce(zi, zt, TEMPERATURE)
+        return info_nce(zi, zt, temperature=TEMPERATURE)
 
     out = measure_step(loss, [*cnn.parameters(), *bert.parameters(), *heads.parameters()], steps)
     cnn.eval().requires_grad_(False)

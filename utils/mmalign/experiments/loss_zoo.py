@@ -21,8 +21,9 @@ import torch
 from ..config import Config, seed_everything
 from ..data.features import FeatureSplit, scene_features
 from ..losses import (AdaptiveMargin, ScheduledMargin, contrastive_loss, cosine_embedding_loss,
-                      hypersphere_loss, info_nce, make_signed_pairs, mms_loss, similarity, triplet_loss)
+                      hypersphere_loss, info_nce, make_signed_pairs, mms_loss, triplet_loss)
 from ..miners import hardest_negatives, random_negatives
+from ..retrieval import similarity
 from ..recipes import PairLoss, evaluate, train_dual_encoder
 from .dual_encoders import Run
 from .seeds import seeds_for, summarize
@@ -110,10 +111,10 @@ def zoo_losses(cfg: Config, total_steps: int, temperature: float | None = None,
 
             def loss(zi, zt, ids):
                 sim = similarity(zi, zt)
-                neg_i, neg_t = random_negatives(sim.detach(), ids, ids, k=1, generator=gen)  # eq. 2.6's imposters
+                neg_i, neg_t = random_negatives(sim.detach(), ids=ids, k=1, generator=gen)  # eq. 2.6's imposters
                 value = triplet_loss(sim, neg_i, neg_t, margin=margin)
                 if hard:  # eq. 2.7: plus the same hinge on the hardest imposter of the batch
-                    hard_i, hard_t = hardest_negatives(sim.detach(), ids, ids, k=1)
+                    hard_i, hard_t = hardest_negatives(sim.detach(), ids=ids, k=1)
                     value = value + triplet_loss(sim, hard_i, hard_t, margin=margin)
                 return value
             return loss
@@ -121,17 +122,17 @@ def zoo_losses(cfg: Config, total_steps: int, temperature: float | None = None,
 
     def infonce():
         tau = knob["InfoNCE"]
-        return lambda zi, zt, ids: info_nce(zi, zt, tau, labels_a=ids, labels_b=ids)
+        return lambda zi, zt, ids: info_nce(zi, zt, temperature=tau, ids=ids)
 
     def mms():
         tau = knob["MMS"]
-        return lambda zi, zt, ids: mms_loss(zi, zt, MMS_MARGIN, tau, item_ids=ids)
+        return lambda zi, zt, ids: mms_loss(zi, zt, temperature=tau, margin=MMS_MARGIN, ids=ids)
 
     def mms_sch():
         sched, tau = scheduled_margin(total_steps), knob["MMS_Sch."]
 
         def loss(zi, zt, ids):
-            value = mms_loss(zi, zt, sched.value, tau, item_ids=ids)
+            value = mms_loss(zi, zt, temperature=tau, margin=sched.value, ids=ids)
             sched.step()  # one loss call per optimizer step
             return value
         loss.schedule = sched
@@ -139,17 +140,17 @@ def zoo_losses(cfg: Config, total_steps: int, temperature: float | None = None,
 
     def mms_adp():
         amm, tau = AdaptiveMargin(AMM_ALPHA), knob["MMS_Adp."]
-        return lambda zi, zt, ids: mms_loss(zi, zt, amm(zi, zt, ids), tau, item_ids=ids)
+        return lambda zi, zt, ids: mms_loss(zi, zt, temperature=tau, margin=amm(zi, zt, ids=ids), ids=ids)
 
     def contrastive():
         margin = knob["Contrastive"]
-        return lambda zi, zt, ids: contrastive_loss(similarity(zi, zt), ids, margin=margin)
+        return lambda zi, zt, ids: contrastive_loss(similarity(zi, zt), margin=margin, ids=ids)
 
     def cosine():
         gen, margin = torch.Generator().manual_seed(seed), knob["Cosine"]
 
         def loss(zi, zt, ids):
-            ia, ib, target = make_signed_pairs(len(ids), 1, generator=gen, item_ids=ids)
+            ia, ib, target = make_signed_pairs(len(ids), negatives_per_positive=1, generator=gen, ids=ids)
             return cosine_embedding_loss(zi[ia], zt[ib], target, margin=margin)
         return loss
 

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from ..config import Config, seed_everything
 from ..data.features import FeatureSplit, scene_features
-from ..losses import info_nce, moco_loss, similarity
+from ..losses import info_nce, moco_loss
 from ..memory import HardNegativeMemory, MoCoQueue, MomentumEncoder
 from ..recipes import evaluate, make_dual_encoder
+from ..retrieval import similarity
 from ..train import History, fit
 from .seeds import seeds_for, summarize
 
@@ -87,7 +88,7 @@ class HardNegativeBank:
 
     def after_step(self, model, batch, step):
         img, _, ids = batch
-        rows = HardNegativeMemory.select_violators(self._last, k=self.k, margin=self.margin, row_ids=ids, col_ids=ids)
+        rows = HardNegativeMemory.select_violators(self._last, k=self.k, margin=self.margin, ids=ids)
         self.memory.write(img[rows], ids[rows])
 
     def extra_bytes(self) -> int:
@@ -124,8 +125,8 @@ class MoCoState:
             neg_txt_ids = torch.cat([ids, self.queue_txt.ids.to(ids.device)])
             neg_img_ids = torch.cat([ids, self.queue_img.ids.to(ids.device)])
             # the batch's own keys sit among the negatives; equal ids mask the positive and same-scene copies
-            loss = 0.5 * (moco_loss(q_img, k_txt, neg_txt, temperature, ids, neg_txt_ids)
-                          + moco_loss(q_txt, k_img, neg_img, temperature, ids, neg_img_ids))
+            loss = 0.5 * (moco_loss(q_img, k_txt, neg_txt, temperature=temperature, ids=(ids, neg_txt_ids))
+                          + moco_loss(q_txt, k_img, neg_img, temperature=temperature, ids=(ids, neg_img_ids)))
             self._keys = (k_img, k_txt)
             return loss, {"negatives": float(neg_txt.shape[0] - 1)}
 
@@ -173,7 +174,7 @@ def train_negatives(train: FeatureSplit, val: FeatureSplit | None, cfg: Config, 
         def step(m, batch):
             img, txt, ids = batch
             zi, zt = m(img, txt)
-            return info_nce(zi, zt, TEMPERATURE, labels_a=ids, labels_b=ids)
+            return info_nce(zi, zt, temperature=TEMPERATURE, ids=ids)
     elif method == "memory":
         state = HardNegativeBank(memory_size, train.image.shape[1])
         step, after, stateful = state.step_fn(), state.after_step, {"memory": state.memory}

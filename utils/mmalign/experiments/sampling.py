@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from ..config import Config, seed_everything
 from ..data.features import FeatureSplit, scene_features
-from ..losses import similarity, triplet_loss
+from ..losses import triplet_loss
 from ..miners import (anchor_negative_gaps, hardest_negatives, margin_violation_fraction, random_negatives,
                       semi_hard_negatives)
 from ..recipes import evaluate, make_dual_encoder
+from ..retrieval import similarity
 from ..train import History, fit
 
 MARGIN = 0.2  # on cosine similarities, as in VSE++ (Faghri et al., 2018)
@@ -38,11 +39,11 @@ def mine(sim: torch.Tensor, ids: torch.Tensor, miner: str, k: int = 1, margin: f
     """
     sim = sim.detach()
     if miner == "random":
-        return random_negatives(sim, ids, ids, k=k, generator=generator)
+        return random_negatives(sim, ids=ids, k=k, generator=generator)
     if miner == "hardest":
-        return hardest_negatives(sim, ids, ids, k=k)
+        return hardest_negatives(sim, ids=ids, k=k)
     if miner == "semi-hard":
-        return semi_hard_negatives(sim, ids, ids, margin=margin, k=k)
+        return semi_hard_negatives(sim, margin=margin, ids=ids, k=k)
     raise ValueError(f"miner must be one of {MINERS}, got {miner!r}")
 
 
@@ -68,8 +69,8 @@ def triplet_step(miner: str, k: int = 1, margin: float = MARGIN, generator: torc
         z_img, z_txt = model(img, txt)
         sim = similarity(z_img, z_txt)  # (B, B) cosine, rows images, columns captions
         neg_i, neg_t = mine(sim, ids, miner, k, margin, generator)
-        violating = margin_violation_fraction(sim.detach(), neg_i, neg_t, margin)
-        loss = triplet_loss(sim, neg_i, neg_t, margin)
+        violating = margin_violation_fraction(sim.detach(), neg_i, neg_t, margin=margin)
+        loss = triplet_loss(sim, neg_i, neg_t, margin=margin)
         return loss, {"violating": float(violating), "image_cosine": image_cosine(z_img, ids)}
 
     return step

@@ -60,7 +60,7 @@ def local_negatives_loss(n_chunks: int, temperature: float = TEMPERATURE):
         if zi.shape[0] % n_chunks:
             raise ValueError(f"batch of {zi.shape[0]} does not split into {n_chunks} equal parts")
         parts = zip(zi.chunk(n_chunks), zt.chunk(n_chunks), ids.chunk(n_chunks))
-        return torch.stack([info_nce(a, b, temperature, i, i) for a, b, i in parts]).mean()
+        return torch.stack([info_nce(a, b, temperature=temperature, ids=i) for a, b, i in parts]).mean()
 
     return loss
 
@@ -111,13 +111,14 @@ def check_on_processes(loss_fn, nproc: int = 2, timeout: float = 300) -> dict:
     file that every worker imports, and :func:`mmalign.dist_demo.check_loss` runs it on the fixed batch.
 
     The function must be self-contained: it may use ``torch``, ``F`` (torch.nn.functional), ``dist``
-    (mmalign.dist) and ``similarity`` (mmalign.losses), which the file imports."""
+    (mmalign.dist), ``similarity`` (mmalign.retrieval) and ``info_nce`` (mmalign.losses), which the file
+    imports."""
     import inspect
     import textwrap
 
     source = textwrap.dedent(inspect.getsource(loss_fn))
     header = ("import torch\nimport torch.nn.functional as F\nfrom mmalign import dist\n"
-              "from mmalign.losses import similarity, info_nce\n\n")
+              "from mmalign.losses import info_nce\nfrom mmalign.retrieval import similarity\n\n")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lab_loss.py"
         path.write_text(header + source)
@@ -135,7 +136,7 @@ def reference_check(temperature: float = 0.1) -> dict:
     from ..dist_demo import check_batch
 
     a, b = (t.requires_grad_() for t in check_batch())
-    loss = info_nce(a, b, temperature)
+    loss = info_nce(a, b, temperature=temperature)
     loss.backward()
     return {"loss": float(loss.detach()), "grad_a": a.grad, "grad_b": b.grad}
 
@@ -184,8 +185,8 @@ def overflow_table(temperatures=(0.07, 0.01), n: int = 64, dim: int = 32, seed: 
             table[f"{str(dtype).replace('torch.', '')} logits, tau={tau}"] = {
                 "max logit": float(logits.max()), "hand-written softmax": naive, "log-softmax": lse,
                 "|log-softmax - float64|": abs(lse - ref)}
-        # info_nce on half-precision embeddings: its logits are float32 inside (losses.similarity)
-        loss = info_nce(a.half(), b.half(), tau, normalize=False)
+        # info_nce on half-precision embeddings: its logits are float32 inside (retrieval.similarity)
+        loss = info_nce(a.half(), b.half(), temperature=tau, normalize=False)
         sym_ref = 0.5 * (ref + float(F.cross_entropy((b @ a.T) / tau, torch.arange(n))))
         table[f"info_nce on float16 inputs, tau={tau}"] = {
             "max logit": float((a.half().float() @ b.half().float().T).max() / tau),
@@ -211,7 +212,7 @@ def amp_speed(train: FeatureSplit, cfg: Config, steps: int, batch_size: int | No
 
         def step(m, batch):
             zi, zt = m(batch[0], batch[1])
-            loss = info_nce(zi, zt, TEMPERATURE, batch[2], batch[2])
+            loss = info_nce(zi, zt, temperature=TEMPERATURE, ids=batch[2])
             return loss, {"loss is float32": float(loss.dtype == torch.float32)}
 
         h = fit(model, step, train.pairs(), optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.lr), epochs=10_000,

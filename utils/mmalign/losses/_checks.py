@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import (check_all_finite, check_embeddings, check_ids, check_nonnegative, check_positive,
+from ..checks import (check_all_finite, check_embeddings, check_id_pair, check_nonnegative, check_positive,
                       check_tensor)
 
 __all__ = ["check_pair", "check_temperature", "check_sim", "positive_mask", "check_all_finite",
@@ -75,17 +75,13 @@ def check_sim(sim, square: bool = True, name: str = "sim") -> int:
     return sim.shape[0]
 
 
-def positive_mask(labels_a, labels_b, n_a: int, n_b: int, device) -> torch.Tensor:
-    """(n_a, n_b) bool mask of pairs with equal item ids; a missing side defaults to arange."""
-    la = torch.arange(n_a, device=device) if labels_a is None else torch.as_tensor(labels_a, device=device)
-    lb = torch.arange(n_b, device=device) if labels_b is None else torch.as_tensor(labels_b, device=device)
-    if la.shape != (n_a,) or lb.shape != (n_b,):
-        raise ValueError(
-            f"labels must be 1-d with one id per row: got {tuple(la.shape)} for {n_a} rows and {tuple(lb.shape)} for {n_b} rows"
-        )
-    la = check_ids("labels_a (item ids)", la, n_a)
-    lb = check_ids("labels_b (item ids)", lb, n_b)
-    return la[:, None] == lb[None, :]
+def positive_mask(ids, n_a: int, n_b: int, device, sides: tuple[str, str] = ("a", "b")) -> torch.Tensor:
+    """(n_a, n_b) bool mask of pairs with equal item ids; ``ids`` as in :func:`mmalign.checks.check_id_pair`
+    (None: the diagonal)."""
+    pair = check_id_pair(ids, n_a, n_b, device=device, sides=sides)
+    if pair is None:
+        return torch.eye(n_a, n_b, dtype=torch.bool, device=device)
+    return pair[0][:, None] == pair[1][None, :]
 
 
 def mined_negative_masks(negatives, n_a: int, n_b: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import (check_choice, check_embeddings, check_ids, check_int, check_positive, check_probability,
-                      check_same_width, check_tensor)
+from .._deprecation import keyword_settings
+from ..checks import (check_choice, check_embeddings, check_id_pair, check_ids, check_int, check_positive,
+                      check_probability, check_same_width, check_tensor)
 from ..ot import cost_matrix, ipot, sinkhorn
 
 __all__ = ["distill_contrastive_loss", "sample_hard_negatives", "codebook_targets", "prototype_loss",
@@ -29,8 +30,10 @@ def _float(*xs):
     return [x.to(dtype) for x in xs]
 
 
-def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, ids, queue: torch.Tensor | None = None,
-                             queue_ids=None, temperature: float = 0.07, alpha: float = 0.0,
+@keyword_settings(old_order=("ids", "queue", "queue_ids", "temperature", "alpha", "q_teacher"),
+                  id_pairs={("ids", "queue_ids"): "ids"})
+def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids, queue: torch.Tensor | None = None,
+                             temperature: float = 0.07, alpha: float = 0.0,
                              q_teacher: torch.Tensor | None = None) -> torch.Tensor:
     r"""Queued contrastive loss with momentum-distillation soft targets (ALBEF, Eq. 2 and Sec. 3.3).
 
@@ -52,7 +55,8 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, ids, queue:
     Args:
         q: (B, D) student features (normalised here). k_batch: (B, D) teacher features of the batch's
             pairs in the other (or the same) modality.
-        ids: (B,) item ids. queue, queue_ids: (M, D) and (M,) queued teacher features (M may be 0).
+        ids: (B,) item ids of the batch, or with a queue the pair ``(batch ids (B,), queue ids (M,))``.
+        queue: (M, D) queued teacher features (M may be 0), e.g. ``MoCoQueue.keys``.
         temperature: tau > 0. alpha: weight of the soft targets in [0, 1] (0 = hard labels).
         q_teacher: (B, D) teacher features of the queries; needed when alpha > 0.
 
@@ -63,6 +67,8 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, ids, queue:
     check_embeddings("k_batch", k_batch, q.shape[1])
     if k_batch.shape[0] != q.shape[0]:
         raise ValueError(f"k_batch must have one key per query ({q.shape[0]}), got {k_batch.shape[0]}")
+    is_pair = isinstance(ids, (tuple, list)) and len(ids) == 2 and not all(isinstance(i, int) for i in ids)
+    ids, queue_ids = ids if is_pair else (ids, None)
     ids = check_ids("ids", ids, q.shape[0], q.device)
     check_positive("temperature", temperature)
     check_probability("alpha", alpha)
@@ -73,7 +79,10 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, ids, queue:
     else:
         check_tensor("queue", queue, ndim=2, nonempty=False)
         check_same_width("q", q, "queue", queue)
-        queue_ids = check_ids("queue_ids", queue_ids, queue.shape[0], q.device)
+        if queue_ids is None:
+            raise ValueError("with a queue, pass ids=(batch ids, queue ids) so that copies of a positive in the "
+                             "queue are not used as negatives")
+        queue_ids = check_ids("ids[1] (queue ids)", queue_ids, queue.shape[0], q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k_batch, queue = _float(q, k_batch.detach(), queue.detach().to(q.device))
         keys = F.normalize(torch.cat([k_batch, queue]), dim=-1)
@@ -92,7 +101,8 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, ids, queue:
         return -(target * log_p).sum(1).mean()
 
 
-def sample_hard_negatives(sim: torch.Tensor, row_ids=None, col_ids=None, temperature: float = 1.0,
+@keyword_settings(old_order=("row_ids", "col_ids", "temperature", "generator"), id_pairs={("row_ids", "col_ids"): "ids"})
+def sample_hard_negatives(sim: torch.Tensor, *, ids=None, temperature: float = 1.0,
                           generator: torch.Generator | None = None) -> torch.Tensor:
     r"""One negative column per row, drawn with probability :math:`\propto e^{s_{ij}/T}` among the columns
     of a different item (ALBEF's ITM hard negatives, sampled from the contrastive similarities).
@@ -103,7 +113,8 @@ def sample_hard_negatives(sim: torch.Tensor, row_ids=None, col_ids=None, tempera
 
     Args:
         sim: (B_rows, B_cols) similarities (detached inside).
-        row_ids, col_ids: (B_rows,) / (B_cols,) item ids; default: the diagonal pairs.
+        ids: item ids, one (B,) tensor for a square ``sim`` or a pair ``(row ids (B_rows,), column ids
+            (B_cols,))``; default: the diagonal pairs.
         temperature: T > 0 of the sampling softmax (small: almost the hardest negative).
         generator: a torch.Generator for reproducible draws.
 
@@ -113,12 +124,11 @@ def sample_hard_negatives(sim: torch.Tensor, row_ids=None, col_ids=None, tempera
     check_tensor("sim", sim, ndim=2)
     check_positive("temperature", temperature)
     n_rows, n_cols = sim.shape
-    if row_ids is None and col_ids is None:
+    if ids is None:
         if n_rows != n_cols:
-            raise ValueError(f"sim is {n_rows} x {n_cols}: pass row_ids and col_ids when it is not square")
-        row_ids = col_ids = torch.arange(n_rows, device=sim.device)
-    row_ids = check_ids("row_ids", row_ids, n_rows, sim.device)
-    col_ids = check_ids("col_ids", col_ids, n_cols, sim.device)
+            raise ValueError(f"sim is {n_rows} x {n_cols}: pass ids=(row ids, column ids) when it is not square")
+        ids = torch.arange(n_rows, device=sim.device)
+    row_ids, col_ids = check_id_pair(ids, n_rows, n_cols, device=sim.device, sides=("rows", "columns"))
     with torch.no_grad(), torch.autocast(device_type=sim.device.type, enabled=False):
         valid = row_ids[:, None] != col_ids[None, :]
         has = valid.any(1)
@@ -130,7 +140,8 @@ def sample_hard_negatives(sim: torch.Tensor, row_ids=None, col_ids=None, tempera
         return torch.where(has, draw, torch.full_like(draw, -1))
 
 
-def codebook_targets(features: torch.Tensor, prototypes: torch.Tensor, solver: str = "ipot",
+@keyword_settings(old_order=("solver", "epsilon", "n_iters", "metric"))
+def codebook_targets(features: torch.Tensor, prototypes: torch.Tensor, *, solver: str = "ipot",
                      epsilon: float = 0.1, n_iters: int = 20, metric: str = "cosine") -> torch.Tensor:
     r"""Codeword assignments of a batch by optimal transport: the rows of :math:`N\,T` with
     :math:`T = \arg\min_{T\in\Pi(\frac1N\mathbf 1, \frac1K\mathbf 1)} \langle T, D\rangle`,
@@ -166,7 +177,8 @@ def codebook_targets(features: torch.Tensor, prototypes: torch.Tensor, solver: s
         return plan / plan.sum(1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
 
 
-def prototype_loss(features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor,
+@keyword_settings(old_order=("gamma",))
+def prototype_loss(features: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor, *,
                    gamma: float = 0.1) -> torch.Tensor:
     r"""Cross-entropy between OT targets and the predicted codeword distribution (CODIS Eq. 2):
 
@@ -194,7 +206,8 @@ def prototype_loss(features: torch.Tensor, prototypes: torch.Tensor, targets: to
         return -(t * torch.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def ot_cost_loss(features: torch.Tensor, prototypes: torch.Tensor, plan: torch.Tensor,
+@keyword_settings(old_order=("metric",))
+def ot_cost_loss(features: torch.Tensor, prototypes: torch.Tensor, plan: torch.Tensor, *,
                  metric: str = "cosine") -> torch.Tensor:
     r"""The transport cost :math:`\mathcal{L}_{ot} = \langle T, D(Z, C)\rangle` for a fixed plan T (detached):
     at the optimal plan this is the OT distance, and its gradient (envelope theorem) pulls each codeword

@@ -6,13 +6,16 @@ from __future__ import annotations
 import torch
 
 from ..checks import check_positive, check_real
+from .._deprecation import keyword_settings
 from ._checks import check_sim, mined_negative_masks, positive_mask
 
 
+@keyword_settings(old_order=("item_ids", "margin", "eps", "negatives"), renamed={"item_ids": "ids"})
 def contrastive_loss(
     sim: torch.Tensor,
-    item_ids: torch.Tensor | None = None,
+    *,
     margin: float = 1.0,
+    ids=None,
     eps: float = 1e-8,
     negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -34,9 +37,10 @@ def contrastive_loss(
     Args:
         sim: (B, B) cosine similarities, rows images, columns captions (values in [-1, 1]; values a
             few ulps beyond, as half precision rounds them, count as +-1).
-        item_ids: optional (B,) item ids; equal ids are positives. Default: the diagonal.
         margin: m in (0, 2]: negatives closer than m (in Euclidean distance between unit vectors)
             are pushed away. Two random directions in high dimension are about sqrt(2) apart.
+        ids: optional (B,) item ids (or a pair, row ids and column ids); equal ids are positives.
+            Default: the diagonal.
         eps: floor under :math:`d^2` before the square root (keeps the gradient finite at d = 0).
         negatives: optional output of a miner, ``(neg_for_images (B, k), neg_for_texts (B, k'))``
             (-1 = none): the negative term then averages over the mined pairs only (a pair counts
@@ -57,10 +61,10 @@ def contrastive_loss(
     if bool((sim.detach().abs() > 1 + tol).any()):
         raise ValueError(
             "contrastive_loss expects cosine similarities in [-1, 1], got values outside; "
-            "L2-normalise the embeddings (or use mmalign.losses.info_nce.similarity) and do not divide by a temperature"
+            "L2-normalise the embeddings (or use mmalign.retrieval.similarity) and do not divide by a temperature"
         )
     n = sim.shape[0]
-    pos = positive_mask(item_ids, item_ids, n, n, sim.device)
+    pos = positive_mask(ids, n, n, sim.device, sides=("rows", "columns"))
     neg = ~pos
     if negatives is not None:
         keep_ab, keep_ba = mined_negative_masks(negatives, n, n, sim.device)

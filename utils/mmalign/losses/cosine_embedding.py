@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._deprecation import keyword_settings
 from ..checks import check_int, check_real
 from ._checks import check_pair
 
 
-def cosine_embedding_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+@keyword_settings(old_order=("margin",))
+def cosine_embedding_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, *, margin: float = 0.0) -> torch.Tensor:
     r"""Mean cosine embedding loss over N signed pairs (same as ``torch.nn.CosineEmbeddingLoss``).
 
     .. math::
@@ -42,11 +44,13 @@ def cosine_embedding_loss(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor
     return torch.where(target == 1, 1 - cos, torch.relu(cos - margin)).mean()
 
 
+@keyword_settings(old_order=("negatives_per_positive", "generator", "item_ids"), renamed={"item_ids": "ids"})
 def make_signed_pairs(
     n: int,
+    *,
     negatives_per_positive: int = 1,
     generator: torch.Generator | None = None,
-    item_ids: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index pairs and +1/-1 targets from a paired batch of n (image i, caption i) pairs.
 
@@ -58,8 +62,8 @@ def make_signed_pairs(
         n: batch size.
         negatives_per_positive: k >= 0 negatives drawn per positive.
         generator: torch.Generator for reproducible draws; its device is the output device
-            (else item_ids' device, else CPU).
-        item_ids: optional (n,) ids; a negative never shares the anchor's id. Default: all distinct.
+            (else ids' device, else CPU).
+        ids: optional (n,) item ids; a negative never shares the anchor's id. Default: all distinct.
 
     Returns:
         ``(ia, ib, target)``: three (P,) tensors, ia/ib LongTensor row/column indices, target in {+1, -1}
@@ -74,10 +78,10 @@ def make_signed_pairs(
     if generator is not None:
         device = generator.device
     else:
-        device = item_ids.device if isinstance(item_ids, torch.Tensor) else torch.device("cpu")
-    ids = torch.arange(n, device=device) if item_ids is None else torch.as_tensor(item_ids).to(device)
+        device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
+    ids = torch.arange(n, device=device) if ids is None else torch.as_tensor(ids).to(device)
     if ids.shape != (n,):
-        raise ValueError(f"item_ids must have shape ({n},), got {tuple(ids.shape)}")
+        raise ValueError(f"ids must have shape ({n},), got {tuple(ids.shape)}")
     allowed = ids[:, None] != ids[None, :]  # (n, n): j may be a negative of i
     k = min(negatives_per_positive, n)
     # Random scores, -1 where not allowed: the top k of each row are k distinct uniform draws.

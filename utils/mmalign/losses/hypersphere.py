@@ -8,13 +8,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._deprecation import keyword_settings
 from ..checks import check_real
 from ._checks import check_pair
 
 
+@keyword_settings(old_order=("alpha", "t", "lambda_align", "lambda_uniform", "log_uniformity"))
 def hypersphere_loss(
     x: torch.Tensor,
     y: torch.Tensor,
+    *,
     alpha: float = 2,
     t: float = 2,
     lambda_align: float = 1,

@@ -9,16 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_int, check_real
+from .._deprecation import keyword_settings
 from ._checks import check_all_finite, check_pair, check_temperature, mined_negative_masks, positive_mask
-from .info_nce import _similarity as similarity
+from ..retrieval import _similarity as similarity
 
 
+@keyword_settings(old_order=("margin", "temperature", "item_ids", "normalize", "negatives"),
+                  renamed={"item_ids": "ids"})
 def mms_loss(
     a: torch.Tensor,
     b: torch.Tensor,
-    margin: float | torch.Tensor | tuple[torch.Tensor, torch.Tensor] = 0.0,
+    *,
     temperature: float = 0.07,
-    item_ids: torch.Tensor | None = None,
+    margin: float | torch.Tensor | tuple[torch.Tensor, torch.Tensor] = 0.0,
+    ids=None,
     normalize: bool = True,
     negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -40,12 +44,12 @@ def mms_loss(
 
     Args:
         a, b: (B, D) paired embeddings (e.g. images and captions).
+        temperature: tau > 0; stable down to 0.01 (log-sum-exp on float32 logits).
         margin: a float, a (B,) tensor (one margin per anchor, both directions), or a pair
             ``(m_ab, m_ba)`` of (B,) tensors, one per direction, as returned by
             :class:`AdaptiveMargin`. For a schedule pass ``ScheduledMargin.value``.
-        temperature: tau > 0; stable down to 0.01 (log-sum-exp on float32 logits).
-        item_ids: optional (B,) item ids; other rows of the same item are masked out (the set Z),
-            neither positive nor negative.
+        ids: optional (B,) item ids (or a pair, one per side); other rows of the same item are masked
+            out (the set Z), neither positive nor negative.
         normalize: L2-normalise a and b first (cosine similarity).
         negatives: optional output of a miner, ``(neg_for_a (B, k), neg_for_b (B, k'))`` (-1 = none):
             each anchor's denominator then holds its positive and the negatives mined for it only.
@@ -59,7 +63,7 @@ def mms_loss(
     sim = similarity(a, b, normalize)
     m_ab, m_ba = _as_margins(margin, n, sim)
     eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    masked = torch.zeros_like(eye) if item_ids is None else positive_mask(item_ids, item_ids, n, n, sim.device) & ~eye
+    masked = torch.zeros_like(eye) if ids is None else positive_mask(ids, n, n, sim.device) & ~eye
     target = torch.arange(n, device=sim.device)
     masked_ab, masked_ba = masked, masked.T
     if negatives is not None:  # everything that is neither the positive nor a mined negative leaves the softmax
@@ -165,7 +169,7 @@ class AdaptiveMargin:
     alpha = 0.5. The margin grows as positives separate from negatives and can be negative early
     in training. It is detached (a constant of the loss); Monfort et al.'s remark that alpha = 1
     "removes the positive from the optimisation" holds only without the detach.
-    Usage: ``mms_loss(a, b, amm(a, b, item_ids), item_ids=item_ids)``.
+    Usage: ``mms_loss(a, b, margin=amm(a, b, ids=ids), ids=ids)``.
     """
 
     def __init__(self, alpha: float = 0.5):
@@ -175,13 +179,15 @@ class AdaptiveMargin:
         self.alpha = alpha
 
     @torch.no_grad()
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, item_ids: torch.Tensor | None = None,
+    @keyword_settings(old_order=("item_ids", "normalize"), renamed={"item_ids": "ids"})
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, *, ids=None,
                  normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D), (B, D) paired embeddings -> ``(m_ab, m_ba)``, two detached (B,) margins."""
+        """(B, D), (B, D) paired embeddings (and optional item ``ids``) -> ``(m_ab, m_ba)``, two detached
+        (B,) margins."""
         check_pair(a, b)
         n = a.shape[0]
         sim = similarity(a.detach(), b.detach(), normalize)
-        neg = ~positive_mask(item_ids, item_ids, n, n, sim.device)  # also excludes the diagonal
+        neg = ~positive_mask(ids, n, n, sim.device)  # also excludes the diagonal
         sim_neg = sim * neg
         mean_row = sim_neg.sum(1) / neg.sum(1).clamp(min=1)
         mean_col = sim_neg.sum(0) / neg.sum(0).clamp(min=1)

@@ -6,17 +6,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_ids, check_tensor
+from .._deprecation import keyword_settings
+from ..checks import check_id_pair, check_tensor
 from ._checks import check_all_finite, check_temperature
 
 
+@keyword_settings(old_order=("temperature", "q_ids", "queue_ids"), id_pairs={("q_ids", "queue_ids"): "ids"})
 def moco_loss(
     q: torch.Tensor,
     k_pos: torch.Tensor,
     queue_keys: torch.Tensor,
+    *,
     temperature: float = 0.07,
-    q_ids: torch.Tensor | None = None,
-    queue_ids: torch.Tensor | None = None,
+    ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""InfoNCE of each query against its own key (class 0) and the queued keys (He et al., 2020, Eq. 1).
 
@@ -39,8 +41,8 @@ def moco_loss(
         k_pos: (N, D) positive key of each query; L2-normalised here.
         queue_keys: (K, D) negative keys, K >= 0 (e.g. ``MoCoQueue.keys``); L2-normalised here.
         temperature: tau > 0 (0.07 in MoCo).
-        q_ids, queue_ids: optional (N,) and (K,) item ids, both or neither; a queue key whose id
-            equals the query's id is not a negative.
+        ids: optional pair ``(ids of q (N,), ids of the queue (K,))`` of item ids (e.g.
+            ``(batch_ids, queue.ids)``); a queue key whose id equals the query's id is not a negative.
 
     Returns:
         The scalar loss (float32, or float64 for float64 inputs).
@@ -63,8 +65,9 @@ def moco_loss(
             f"build the queue with dim={q.shape[1]}"
         )
     check_temperature(temperature)
-    if (q_ids is None) != (queue_ids is None):
-        raise ValueError("pass both q_ids and queue_ids (to mask copies of the positive), or neither")
+    if ids is not None and (not isinstance(ids, (tuple, list)) or len(ids) != 2 or ids[0] is None or ids[1] is None):
+        raise ValueError("ids must be a pair (ids of q (N,), ids of the queue (K,)), e.g. ids=(batch_ids, queue.ids), "
+                         "to mask copies of the positive; or None")
     check_all_finite(("q", q), ("k_pos", k_pos), ("queue_keys", queue_keys))
 
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -74,16 +77,9 @@ def moco_loss(
         queue_keys = F.normalize(queue_keys.detach().to(q.device, dtype), dim=-1)
         l_pos = (q * k_pos).sum(dim=1, keepdim=True)  # (N, 1)
         l_neg = q @ queue_keys.T  # (N, K)
-        if q_ids is not None:
-            q_ids = torch.as_tensor(q_ids, device=q.device)
-            queue_ids = torch.as_tensor(queue_ids, device=q.device)
-            if q_ids.shape != (q.shape[0],) or queue_ids.shape != (queue_keys.shape[0],):
-                raise ValueError(
-                    f"ids must be 1-d, one per row: q_ids {tuple(q_ids.shape)} for {q.shape[0]} queries, "
-                    f"queue_ids {tuple(queue_ids.shape)} for {queue_keys.shape[0]} queue keys"
-                )
-            q_ids = check_ids("q_ids", q_ids, q.shape[0])
-            queue_ids = check_ids("queue_ids", queue_ids, queue_keys.shape[0])
+        if ids is not None:
+            q_ids, queue_ids = check_id_pair(ids, q.shape[0], queue_keys.shape[0], device=q.device,
+                                             sides=("q", "the queue"))
             l_neg = l_neg.masked_fill(q_ids[:, None] == queue_ids[None, :], float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1) / temperature
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)

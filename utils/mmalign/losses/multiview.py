@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .._deprecation import keyword_settings
 from ..checks import check_int, check_tensor
 from ._checks import check_all_finite
 from .info_nce import info_nce
@@ -59,8 +60,10 @@ def term_keys(V: int, mode: str = "full") -> list[tuple]:
     return [("mean" if mode == "mean_anchor" else "others", v) for v in range(V)]
 
 
+@keyword_settings(old_order=("mode", "pair_loss", "weights", "reduction", "detach_anchor"))
 def multiview_loss(
     views: Sequence[torch.Tensor],
+    *,
     mode: str = "full",
     pair_loss: Callable[..., torch.Tensor] = info_nce,
     weights: dict | torch.Tensor | Sequence[float] | None = None,

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import torch
 
+from .._deprecation import keyword_settings
 from ..checks import check_real
 from ._checks import check_pair, check_sim
-from .info_nce import _similarity as similarity
+from ..retrieval import _similarity as similarity
 
 
+@keyword_settings(old_order=("margin", "reduction"))
 def triplet_loss(
     sim: torch.Tensor,
     neg_for_images: torch.Tensor,
     neg_for_texts: torch.Tensor,
+    *,
     margin: float = 0.2,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -65,11 +68,13 @@ def triplet_loss(
     return total / (valid_i.sum() + valid_t.sum()).clamp(min=1)
 
 
+@keyword_settings(old_order=("margin", "reduction"))
 def triplet_loss_embeddings(
     img: torch.Tensor,
     txt: torch.Tensor,
     neg_for_images: torch.Tensor,
     neg_for_texts: torch.Tensor,
+    *,
     margin: float = 0.2,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -79,7 +84,7 @@ def triplet_loss_embeddings(
             f"expected paired (B, D) embeddings of the same shape, got {tuple(img.shape)} and {tuple(txt.shape)}"
         )
     check_pair(img, txt, names=("img", "txt"))
-    return triplet_loss(similarity(img, txt), neg_for_images, neg_for_texts, margin, reduction)
+    return triplet_loss(similarity(img, txt), neg_for_images, neg_for_texts, margin=margin, reduction=reduction)
 
 
 def _check_square(sim: torch.Tensor) -> int:

@@ -216,8 +216,8 @@ class Codis(nn.Module):
 
     def _itm(self, hv, ht, zv, zt, ids, generator):
         sim = zv.detach() @ zt.detach().T / self.cfg.temperature  # (B_img, B_txt)
-        neg_t = sample_hard_negatives(sim, ids, ids, generator=generator)
-        neg_v = sample_hard_negatives(sim.T, ids, ids, generator=generator)
+        neg_t = sample_hard_negatives(sim, ids=ids, generator=generator)
+        neg_v = sample_hard_negatives(sim.T, ids=ids, generator=generator)
         rows_v = torch.arange(len(ids), device=ids.device)
         ok_t, ok_v = neg_t >= 0, neg_v >= 0
         img_idx = torch.cat([rows_v, rows_v[ok_t], neg_v[ok_v]])
@@ -259,24 +259,26 @@ class Codis(nn.Module):
             _, kv, _, kt = self.teacher(patches, tokens, token_mask)
         qv, qv_ids, qt, qt_ids = self.queue_image.keys, self.queue_image.ids, self.queue_text.keys, self.queue_text.ids
         out = {}
-        a = cfg.alpha
+        settings = {"temperature": cfg.temperature, "alpha": cfg.alpha}
         if cfg.cross:
-            out["itc"] = 0.5 * (distill_contrastive_loss(zv, kt, ids, qt, qt_ids, cfg.temperature, a, kv)
-                                + distill_contrastive_loss(zt, kv, ids, qv, qv_ids, cfg.temperature, a, kt))
+            out["itc"] = 0.5 * (distill_contrastive_loss(zv, kt, ids=(ids, qt_ids), queue=qt, q_teacher=kv, **settings)
+                                + distill_contrastive_loss(zt, kv, ids=(ids, qv_ids), queue=qv, q_teacher=kt, **settings))
         if cfg.intra:
-            out["intra"] = 0.5 * (distill_contrastive_loss(zv, kv, ids, qv, qv_ids, cfg.temperature, a, kv)
-                                  + distill_contrastive_loss(zt, kt, ids, qt, qt_ids, cfg.temperature, a, kt))
+            out["intra"] = 0.5 * (distill_contrastive_loss(zv, kv, ids=(ids, qv_ids), queue=qv, q_teacher=kv, **settings)
+                                  + distill_contrastive_loss(zt, kt, ids=(ids, qt_ids), queue=qt, q_teacher=kt, **settings))
         if cfg.itm:
             out["itm"], out["itm_acc"] = self._itm(hv, ht, zv, zt, ids, generator)
         if cfg.mlm and mlm_labels is not None:
             out["mlm"] = self._mlm(hv, tokens, token_mask, mlm_labels, generator)
         if cfg.codebook:
             fv, ft = (kv, kt) if cfg.code_source == "teacher" else (zv.detach(), zt.detach())
-            t_v = codebook_targets(fv, self.codebook, cfg.ot_solver, cfg.ot_epsilon, cfg.ot_iters)  # T_i2p (rows sum 1)
-            t_t = codebook_targets(ft, self.codebook, cfg.ot_solver, cfg.ot_epsilon, cfg.ot_iters)  # T_t2p
+            t_v = codebook_targets(fv, self.codebook, solver=cfg.ot_solver, epsilon=cfg.ot_epsilon,
+                                   n_iters=cfg.ot_iters)  # T_i2p (rows sum 1)
+            t_t = codebook_targets(ft, self.codebook, solver=cfg.ot_solver, epsilon=cfg.ot_epsilon,
+                                   n_iters=cfg.ot_iters)  # T_t2p
             l_ot = ot_cost_loss(fv, self.codebook, t_v / b) + ot_cost_loss(ft, self.codebook, t_t / b)
-            out["code"] = (l_ot + prototype_loss(zt, self.codebook, t_v, cfg.gamma)
-                           + prototype_loss(zv, self.codebook, t_t, cfg.gamma))
+            out["code"] = (l_ot + prototype_loss(zt, self.codebook, t_v, gamma=cfg.gamma)
+                           + prototype_loss(zv, self.codebook, t_t, gamma=cfg.gamma))
         out["total"] = sum(v for k, v in out.items() if k != "itm_acc")
         self._pending = (kv.detach(), kt.detach(), ids.detach())
         return out

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..losses.info_nce import info_nce
+from .._deprecation import keyword_settings
 from ..checks import check_int, check_real
+from ..losses.info_nce import info_nce
 from .depth import small_cnn
 
 
@@ -94,10 +95,12 @@ class EarlyFusionEncoder(nn.Module):
         return self.net(torch.cat([rgb.float(), depth.float()], dim=1))
 
 
+@keyword_settings(old_order=("temperature", "weight", "pair_loss"))
 def depth_augmented_view_loss(
     img: torch.Tensor,
     txt: torch.Tensor,
     depth: torch.Tensor,
+    *,
     temperature: float = 0.07,
     weight: float = 1.0,
     pair_loss: Callable[..., torch.Tensor] = info_nce,
