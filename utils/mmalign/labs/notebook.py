@@ -7,7 +7,13 @@ import hashlib
 import re
 from pathlib import Path
 
-import nbformat
+from .._optional import missing_extra
+
+try:
+    import nbformat
+except ModuleNotFoundError as e:
+    raise missing_extra(e, "labs", "mmalign.labs") from e
+
 
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
 MARKDOWN_STUB = "YOUR ANSWER HERE"

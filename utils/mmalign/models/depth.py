@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._optional import missing_extra
 from ..checks import check_int
 
 
@@ -65,8 +66,8 @@ def colorize_depth(depth: torch.Tensor, cmap: str = "viridis") -> torch.Tensor:
     """
     try:
         import matplotlib
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("colorize_depth needs matplotlib: pip install matplotlib") from e
+    except ModuleNotFoundError as e:  # pragma: no cover
+        raise missing_extra(e, "data", "mmalign.models.depth.colorize_depth") from e
     try:
         cm = matplotlib.colormaps[cmap]
     except KeyError:

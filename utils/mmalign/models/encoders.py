@@ -15,6 +15,8 @@ With internet, any ``timm:<name>``, ``torchvision:<name>`` or ``hf:<repo id>`` l
 without it, a clear error says which offline package to use instead (never a hang, never a silently
 random network).
 
+Typical use::
+
     enc = load_encoder("efficientnet_lite0")
     feats = encode_cached(enc, world.images)      # (N, 1280), cached under .cache/mmalign/features
 """
@@ -85,8 +87,8 @@ class FrozenEncoder:
 
 def _missing(package: str, name: str) -> ImportError:
     return ImportError(
-        f"encoder {name!r} needs the package {package!r}, which is not installed. Install it with "
-        f"`pip install {package}` (or `pip install -e .[encoders]` in the course folder)."
+        f"encoder {name!r} needs the package {package!r}, which is not installed: pip install 'mmalign[encoders]' "
+        f"(in the course folder: pip install -e '.[encoders]'), or pip install {package}"
     )
 
 
