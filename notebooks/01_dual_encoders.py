@@ -66,8 +66,8 @@ print(f"profile={cfg.profile}  device={cfg.device}  train/val/test scenes={cfg.n
 # * `embedding`: a precomputed 2048-d ResNet-50 embedding as one comma-separated string.
 #
 # We cannot download 670 MB here, so we write a tiny file **in the real format** from scene-world images
-# with `mmalign.data.wit.write_wit_records`, add a few broken lines of the kinds a scraped file really
-# holds, and read it back with `read_wit_records`. There is no ResNet-50 in the course's offline
+# with [`mmalign.data.wit.write_wit_records`](#mmalign.data.wit.write_wit_records), add a few broken lines of the kinds a scraped file really
+# holds, and read it back with [`read_wit_records`](#mmalign.data.wit.read_wit_records). There is no ResNet-50 in the course's offline
 # packages, so the `embedding` field carries the EfficientNet-Lite0 feature (1280-d) zero-padded to
 # 2048 values: a stand-in with the right shape.
 
@@ -116,7 +116,7 @@ first["embedding"] = first["embedding"][:60] + "…"
 print(json.dumps(first, indent=1))
 
 # %% [markdown]
-# `read_wit_records` decodes every line into a `WitRecord` (PIL image, caption, embedding) and **counts**
+# `read_wit_records` decodes every line into a [`WitRecord`](#mmalign.data.wit.WitRecord) (PIL image, caption, embedding) and **counts**
 # what it skips instead of crashing on the first bad line: corrupt records (bad JSON, a missing field,
 # undecodable base64 or image bytes, a malformed embedding, a cut gzip stream) and records with no
 # caption in the requested language (a filter, not an error). `on_error="raise"` stops at the first
@@ -146,7 +146,7 @@ assert np.array_equal(np.asarray(wit_records[0].image), train.world.images[0]), 
 #
 # Seed 001 fine-tuned both towers end to end on a V100. On two CPU cores we keep the towers **frozen**
 # (EfficientNet-Lite0 for images, MiniLM for captions, features cached by chapter 0) and train only the
-# projection heads: one linear map per tower, after standardising its input features,
+# projection heads ([`make_dual_encoder`](#mmalign.recipes.make_dual_encoder)): one linear map per tower, after standardising its input features,
 #
 # $$
 # z^I = W_I\,\frac{x^I - \mu_I}{\sigma_I} + b_I \in \mathbb{R}^{d}, \qquad
@@ -167,7 +167,7 @@ for name, head in [("image", model.image_head), ("text", model.text_head)]:
 # %% [markdown]
 # ## 3. The cosine embedding loss on $+1/-1$ pairs
 #
-# The loss of seed 001 (PyTorch's `CosineEmbeddingLoss`) looks at one pair $(a_i, b_i)$ at a time with a
+# The loss of seed 001 (PyTorch's `CosineEmbeddingLoss`; ours is [`cosine_embedding_loss`](#mmalign.losses.cosine_embedding.cosine_embedding_loss)) looks at one pair $(a_i, b_i)$ at a time with a
 # label $y_i \in \{+1, -1\}$:
 #
 # $$
@@ -179,7 +179,7 @@ for name, head in [("image", model.image_head), ("text", model.text_head)]:
 # **Where do the $-1$ pairs come from?** A batch of (image, caption) pairs only holds positives. The
 # negatives are made from it: image $i$ with the caption of another pair $j$ of the batch. Two captions
 # of the same scene can land in one batch, so the draw must skip columns with the same scene id, or it
-# would label a true pair $-1$. `make_signed_pairs` does this: all $B$ diagonal pairs as $+1$, then $k$
+# would label a true pair $-1$. [`make_signed_pairs`](#mmalign.losses.cosine_embedding.make_signed_pairs) does this: all $B$ diagonal pairs as $+1$, then $k$
 # random other-scene columns per row as $-1$. A toy batch of six pairs from four scenes, $k = 2$:
 
 # %%
@@ -295,10 +295,10 @@ assert info_nce_rsum > max(rsum.values()) - 8
 # %% [markdown]
 # ## 5. LAMB against Adam, small and large batches
 #
-# Seed 001 trained with **LAMB** (You et al., 2020), built for very large batches. Adam's step is the
+# Seed 001 trained with **LAMB** (You et al., 2020; [`mmalign.optim.LAMB`](#mmalign.optim.LAMB)), built for very large batches. Adam's step is the
 # same size for every coordinate, whatever the size of the weights it changes; LAMB rescales each
 # layer's Adam update $u$ (moments, bias correction, decoupled weight decay $\lambda w$) by a
-# layer-wise **trust ratio**:
+# layer-wise **trust ratio** ([`lamb_trust_ratio`](#mmalign.optim.lamb_trust_ratio)):
 #
 # $$
 # u_t = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda w, \qquad
@@ -369,7 +369,7 @@ for name, r in opt_runs.items():
 # ## 6. Nearest-neighbour retrieval: captions for an image
 #
 # The seed's task: given an image, return the caption closest to it in the shared space. We take the best
-# model of the chapter by validation rsum, encode every test caption once, and look up the five nearest
+# model of the chapter by validation rsum, encode every test caption once, and look up ([`top_k`](#mmalign.retrieval.top_k)) the five nearest
 # captions of a few test images (✓ marks a caption of that image). Then the other direction, a caption's
 # five nearest images, as a grid (green frame: the right image).
 

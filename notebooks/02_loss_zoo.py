@@ -67,14 +67,14 @@ print(f"budget per loss: {epochs} epochs x {zoo.steps_per_epoch(train, cfg)} ste
 # symmetric: it treats images as anchors and captions as anchors.
 #
 # **Triplet, uniform imposters** (thesis eq. 2.6; Harwath et al., 2018). One *imposter* per anchor, drawn
-# uniformly from the batch (`mmalign.miners.random_negatives`: a caption $c_i$ for image $i$, an image $r_i$
+# uniformly from the batch ([`mmalign.miners.random_negatives`](#mmalign.miners.random_negatives): a caption $c_i$ for image $i$, an image $r_i$
 # for caption $i$), and a hinge with margin $M$:
 #
 # $$ T_i(c, r) = \max\big(0, M - S_{ii} + S_{i, c_i}\big) + \max\big(0, M - S_{ii} + S_{r_i, i}\big). $$
 #
 # **Triplet, uniform plus hardest imposters** (thesis eq. 2.7, the form of its Table 3.2; Harwath et al.,
 # 2018): the same hinge once more with the *most similar* wrong caption $\tilde c_i$ and image $\tilde r_i$ of
-# the batch (`mmalign.miners.hardest_negatives`), $\ell_i = T_i(c, r) + T_i(\tilde c, \tilde r)$. We call it
+# the batch ([`mmalign.miners.hardest_negatives`](#mmalign.miners.hardest_negatives)), $\ell_i = T_i(c, r) + T_i(\tilde c, \tilde r)$. We call it
 # `Triplet+hard`; the hardest imposter keeps the hinge active after the random ones are easy.
 #
 # **InfoNCE** (van den Oord et al., 2018; thesis eq. 2.9 with $M = 0$): a softmax over the whole batch at
@@ -86,7 +86,7 @@ print(f"budget per loss: {epochs} epochs x {zoo.steps_per_epoch(train, cfg)} ste
 # $$ \mathrm{MMS}(X, Y) = -\frac1B\sum_i \log\frac{e^{(S_{ii} - M)/\tau}}{e^{(S_{ii} - M)/\tau}
 #    + \sum_{k \ne i,\, k \notin Z_i} e^{S_{ik}/\tau}}, \qquad L = \tfrac12\big(\mathrm{MMS}(X, Y) + \mathrm{MMS}(Y, X)\big). $$
 #
-# The thesis sums the two directions; `mmalign.losses.mms_loss` averages them, so that $M = 0$ is
+# The thesis sums the two directions; [`mmalign.losses.mms_loss`](#mmalign.losses.mms.mms_loss) averages them, so that $M = 0$ is
 # exactly InfoNCE. The margin comes in three flavours: **constant** (MMS), **scheduled** (MMS_Sch.,
 # growing during training as in Ilharco et al.) and **adaptive** (MMS_Adp., the Adaptive Mean Margin of
 # Monfort et al., 2021: $M_i = \alpha\,(S_{ii} - \operatorname{mean}_{k \in N_i} S_{ik})$, a fraction of
@@ -103,7 +103,7 @@ print(f"budget per loss: {epochs} epochs x {zoo.steps_per_epoch(train, cfg)} ste
 # gradient does not fade as the points spread out; and it runs over pairs **within one view**
 # ($i < j$ among the images, and among the captions), while eq. 2.10 takes cross-view pairs $j \ge i$, which
 # include the true pairs $j = i$: uniformity then pushes the very pairs apart that alignment pulls
-# together. (`hypersphere_loss(..., log_uniformity=True)` takes the log; we run the thesis' form.)
+# together. ([`hypersphere_loss(..., log_uniformity=True)`](#mmalign.losses.hypersphere.hypersphere_loss) takes the log; we run the thesis' form.)
 #
 # **Contrastive** (Hadsell, Chopra & LeCun, 2006; seed 002, problem 2): with $y_{ij} = 1$ when image $i$ and
 # caption $j$ show the same scene, and the distance between unit vectors $d_{ij} = \lVert \hat z^I_i - \hat z^T_j
@@ -112,13 +112,13 @@ print(f"budget per loss: {epochs} epochs x {zoo.steps_per_epoch(train, cfg)} ste
 # $$ L = \frac12\,\frac{\sum_{ij} y_{ij}\, d_{ij}^2}{\sum_{ij} y_{ij}}
 #      + \frac12\,\frac{\sum_{ij} (1 - y_{ij}) \max(0, m - d_{ij})^2}{\sum_{ij} (1 - y_{ij})}. $$
 #
-# (Hadsell et al. sum over pairs; `contrastive_loss` averages the positive and negative terms separately,
+# (Hadsell et al. sum over pairs; [`contrastive_loss`](#mmalign.losses.contrastive.contrastive_loss) averages the positive and negative terms separately,
 # so the $B$ positives are not swamped by the $B^2 - B$ negatives.)
 #
 # **Cosine** (seed 001, chapter 1): $1 - S_{ii}$ for the $+1$ pairs, $\max(0, S_{ij} - m)$ for one random
 # $-1$ pair per positive.
 #
-# `zoo.zoo_losses` builds all nine as functions `(z_img, z_txt, scene_ids) -> loss` with their default
+# [`zoo.zoo_losses`](#mmalign.experiments.loss_zoo.zoo_losses) builds all nine as functions `(z_img, z_txt, scene_ids) -> loss` with their default
 # knobs; on a random batch every one is a finite scalar with a gradient:
 
 # %%
@@ -151,9 +151,9 @@ print(f"first batch: {int(same)} off-diagonal same-scene pairs out of {cfg.batch
 
 # %% [markdown]
 # **The scheduled margin.** Ilharco et al. start at $M_0 = 0.001$ and multiply by $1.002$ every 1000 steps,
-# a schedule for runs of ~100k steps (`ScheduledMargin`'s defaults). Over this chapter's budget it would
+# a schedule for runs of ~100k steps ([`ScheduledMargin`](#mmalign.losses.mms.ScheduledMargin)'s defaults). Over this chapter's budget it would
 # not move at all. We keep its shape (step-wise exponential growth) and rescale it to our run: 20 equal
-# increases from $M_0$ to the constant MMS margin, reached at the last step (`zoo.scheduled_margin`):
+# increases from $M_0$ to the constant MMS margin, reached at the last step ([`zoo.scheduled_margin`](#mmalign.experiments.loss_zoo.scheduled_margin)):
 
 # %%
 from mmalign.losses import ScheduledMargin

@@ -17,7 +17,7 @@
 # # 3. Sampling negatives for the triplet loss
 #
 # A **triplet** is an anchor, its positive and one negative. For an image–caption batch the triplet loss
-# (Harwath et al., 2018; the thesis, eqs. 2.5–2.6) asks every anchor to be closer to its positive than to a
+# ([`triplet_loss`](#mmalign.losses.triplet.triplet_loss); Harwath et al., 2018; the thesis, eqs. 2.5–2.6) asks every anchor to be closer to its positive than to a
 # negative by a margin $m$, in both directions: images as anchors against captions, captions as anchors
 # against images. With cosine similarities $S_{ij}$ (row $i$ an image, column $j$ a caption, the
 # positive of row $i$ is column $i$), $N^I_i$ the negatives chosen for image $i$ and $N^T_i$ those for
@@ -75,16 +75,16 @@ print(f"{len(train.texts)} training pairs, {len(test.world)} test images, {len(t
 # ## 1. Three miners
 #
 # For an anchor $a$ with positive similarity $s^+_a$ and candidate negatives $\{s_{an}\}$ (other scenes
-# only), the miners of `mmalign.miners` return indices:
+# only), the miners of [`mmalign.miners`](#mmalign.miners) return indices:
 #
-# * **random**: $n \sim \mathrm{Uniform}\{n : \mathrm{id}_n \ne \mathrm{id}_a\}$;
-# * **top-$k$ hardest**: the $k$ largest $s_{an}$ (VSE++ with $k=1$), for image anchors along the rows of
+# * **random** ([`random_negatives`](#mmalign.miners.random_negatives)): $n \sim \mathrm{Uniform}\{n : \mathrm{id}_n \ne \mathrm{id}_a\}$;
+# * **top-$k$ hardest** ([`hardest_negatives`](#mmalign.miners.hardest_negatives)): the $k$ largest $s_{an}$ (VSE++ with $k=1$), for image anchors along the rows of
 #   $S$ and for caption anchors along its columns;
-# * **semi-hard**: the most similar $n$ with $s^+_a - m < s_{an} < s^+_a$: ranked correctly, yet inside the
+# * **semi-hard** ([`semi_hard_negatives`](#mmalign.miners.semi_hard_negatives)): the most similar $n$ with $s^+_a - m < s_{an} < s^+_a$: ranked correctly, yet inside the
 #   margin. When an anchor has no such negative (common at the start, when many negatives beat the
 #   positive), it falls back to its hardest one.
 #
-# The **anchor–negative gap** $g = s^+_a - s_{an}$ tells a triplet's state: $g < m$ means a non-zero
+# The **anchor–negative gap** ([`anchor_negative_gaps`](#mmalign.miners.anchor_negative_gaps)) $g = s^+_a - s_{an}$ tells a triplet's state: $g < m$ means a non-zero
 # hinge (a *violating* triplet, it produces a gradient), $g < 0$ means the negative outranks the positive.
 # On one batch of eight pairs and the untrained heads, here is what each miner picks for the image anchors:
 
@@ -117,7 +117,7 @@ assert bool((rows["hardest: gap"] <= torch.minimum(rows["random: gap"], rows["se
 # ## 2. Same budget, five samplers
 #
 # One training step mines on the batch's (detached) similarity matrix, then takes the triplet loss; it also
-# logs the fraction of the mined triplets that still violate the margin. `mmalign.experiments.sampling`
+# logs the fraction of the mined triplets that still violate the margin. [`mmalign.experiments.sampling`](#mmalign.experiments.sampling)
 # holds it, so this notebook and the reference results file run the same code:
 
 # %%
@@ -128,7 +128,7 @@ from mmalign.experiments import sampling
 print(inspect.getsource(sampling.triplet_step))
 
 # %% [markdown]
-# Every run gets the same initial weights, epochs, batch size and learning rate; `fit` keeps the weights
+# Every run gets the same initial weights, epochs, batch size and learning rate; [`fit`](#mmalign.train.fit) keeps the weights
 # with the best validation rsum. The margin is $m = 0.2$ on cosine similarities, as in VSE++.
 
 # %%
@@ -155,7 +155,7 @@ lower = {"violating, epoch 1 (%)": False, "violating, last epoch (%)": False, "b
 display(HTML(results_table_html(live, higher_is_better=lower)))
 
 # %% [markdown]
-# **"Not enough violation", made visible.** The fraction of mined triplets with a non-zero hinge, over
+# **"Not enough violation", made visible.** The fraction of mined triplets ([`margin_violation_fraction`](#mmalign.miners.margin_violation_fraction)) with a non-zero hinge, over
 # training (mean of 10 steps). With random negatives it falls fast: most random negatives are easy, so
 # most triplets of a batch give no gradient at all and learning slows down. The hardest negative of an
 # anchor keeps violating the margin for most anchors; with larger $k$ the extra negatives are easier and

@@ -75,7 +75,7 @@ budget
 # $$
 #
 # i.e. it is within $m$ of the caption's positive. Each caption nominates its worst violator
-# (`HardNegativeMemory.select_violators`), and the memory, a fixed-size ring buffer, stores those images.
+# ([`HardNegativeMemory.select_violators`](#mmalign.memory.HardNegativeMemory.select_violators)), and the memory, a fixed-size ring buffer, stores those images.
 # At the next step every caption anchor scores against the batch's images *and* the memory's:
 #
 # $$
@@ -117,7 +117,7 @@ print("stored rows, mildest first:", rows.tolist())
 #          e^{q_n\cdot \kappa_j/\tau}} ,
 # $$
 #
-# computed by `mmalign.losses.moco_loss`. As in ALBEF, we use both directions with two queues, and the
+# computed by [`mmalign.losses.moco_loss`](#mmalign.losses.moco.moco_loss). As in ALBEF, we use both directions with two queues, and the
 # current batch's keys join the queued ones as negatives (so a queue of size 0 is in-batch contrast).
 # Equal scene ids mask the positive and the other captions of its scene, also inside the queue: a queue
 # larger than the data set holds copies of the positive. After the optimizer step the key encoder takes one
@@ -129,7 +129,7 @@ import inspect
 print(inspect.getsource(chapter.MoCoState.after_step))
 
 # %% [markdown]
-# The queue is a fixed-size tensor written at a wrap-around pointer (no growing `torch.cat`). A toy queue of
+# The queue ([`MoCoQueue`](#mmalign.memory.MoCoQueue)) is a fixed-size tensor written at a wrap-around pointer (no growing `torch.cat`). A toy queue of
 # 5 slots and three batches of 2 keys: the third batch overwrites the oldest slot.
 
 # %%
@@ -148,7 +148,7 @@ for step in range(3):
 # described as a cheap way to imitate a large batch, but at a fixed number of epochs the large batch
 # also takes four times fewer optimizer steps, so that row is not "what a queue imitates" for free: it
 # pays in steps what it gains in negatives (in the reference table at the end the two batch sizes show
-# no measured difference). Validation Recall@K is scored a few times per epoch, and `fit` keeps the best weights.
+# no measured difference). Validation Recall@K is scored a few times per epoch, and [`fit`](#mmalign.train.fit) keeps the best weights.
 # The last columns are the cost: extra memory held by the method (queues and momentum copy, or memory),
 # and the wall time per training step on this machine.
 

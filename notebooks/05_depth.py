@@ -59,7 +59,7 @@ print(f"profile={cfg.profile}  train/val/test scenes={cfg.n_train}/{cfg.n_val}/{
 #
 # and pixels without a disparity (occlusions) have no depth. To show depth, or to feed it to a network
 # trained on colour photographs, we map it through a colour map after a per-image min-max normalisation
-# (`colorize_depth`; a common trick for RGB-D with ImageNet backbones, Eitel et al., 2015).
+# ([`colorize_depth`](#mmalign.models.depth.colorize_depth); a common trick for RGB-D with ImageNet backbones, Eitel et al., 2015).
 
 # %%
 from mmalign.data.rgbd import MIDDLEBURY_MOTORCYCLE, disparity_to_depth, middlebury_example
@@ -94,7 +94,7 @@ print(f"Middlebury depth range {np.nanmin(real_depth):.2f}-{np.nanmax(real_depth
 # We keep the recipe of the previous chapters: frozen encoders, cached features, trained linear heads.
 # The depth view goes through the **same** frozen EfficientNet-Lite0 as the image, after the colour map,
 # so RGB and depth features $f_{rgb}, f_{d} \in \mathbb{R}^{1280}$ are of the same kind and the variants
-# below differ only in how they combine them. `rgbd_features` returns each split with
+# below differ only in how they combine them. [`rgbd_features`](#mmalign.experiments.depth.rgbd_features) returns each split with
 # $[f_{rgb}; f_d]$ (2560 numbers per scene) as its image features; the depth features are cached on disk
 # like the others.
 
@@ -124,13 +124,13 @@ plt.show()
 # |---|---|---|
 # | RGB only (baseline) | $W_r \tilde f_{rgb}$ | $L(z_I, z_T)$ |
 # | depth only | $W_d \tilde f_d$ | $L(z_I, z_T)$ |
-# | average (`AverageFusion`) | $\tfrac12\,(W_r \tilde f_{rgb} + W_d \tilde f_d)$ | $L(z_I, z_T)$ |
-# | fuse before projection (`ConcatFusion`) | $W\,[\tilde f_{rgb}; \tilde f_d]$ | $L(z_I, z_T)$ |
+# | average ([`AverageFusion`](#mmalign.models.fusion.AverageFusion)) | $\tfrac12\,(W_r \tilde f_{rgb} + W_d \tilde f_d)$ | $L(z_I, z_T)$ |
+# | fuse before projection ([`ConcatFusion`](#mmalign.models.fusion.ConcatFusion)) | $W\,[\tilde f_{rgb}; \tilde f_d]$ | $L(z_I, z_T)$ |
 # | depth as augmented view | $W_r \tilde f_{rgb}$ | $L(z_I, z_T) + \lambda\, L(z_I, z_D)$, $z_D = W_d \tilde f_d$ |
 #
 # Two remarks. With linear maps, *average* and *fuse before projection* can represent the same functions
 # ($W = [\tfrac12 W_r, \tfrac12 W_d]$); they differ in how they are parametrised and so in how they train.
-# Seed 002 fused the two *images* before a CNN; the library has that too (`EarlyFusionEncoder`, a 4-channel
+# Seed 002 fused the two *images* before a CNN; the library has that too ([`EarlyFusionEncoder`](#mmalign.models.fusion.EarlyFusionEncoder), a 4-channel
 # CNN), but it must be trained from scratch, since a pretrained 3-channel network has no weights for a
 # fourth channel, and a small CNN from scratch on a thousand scenes is no match for frozen ImageNet
 # features. To compare fusion strategies and not encoders, we fuse the two *features* instead.
@@ -264,7 +264,7 @@ print(gain.round(1).to_string())
 # nearer, how objects overlap. Yet the front / behind gain is about the same as the left / right one,
 # although front and back are exactly what depth encodes. A relation caption can only profit from
 # depth if the *text* side can tell "in front of" from "behind", which a frozen sentence encoder averaged
-# into one vector barely does. The **relation-swap test** isolates that: for every relation caption, does
+# into one vector barely does. The **relation-swap test** ([`relation_swap_accuracy`](#mmalign.experiments.depth.relation_swap_accuracy)) isolates that: for every relation caption, does
 # the image score it above the same caption with the relation inverted ("a red cube *behind* a blue cone")? Chance
 # is 50 %.
 

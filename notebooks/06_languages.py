@@ -75,11 +75,11 @@ print(f"{len(train.text_ids)} training datapoints (scene, caption plan); setting
 # %% [markdown]
 # ## 2. The model and the multi-view loss
 #
-# View 0 is the image, $z_I = W_I \tilde f_I$. View $\ell \in \{E, H, J\}$ is a small `TextEncoder`:
+# View 0 is the image, $z_I = W_I \tilde f_I$. View $\ell \in \{E, H, J\}$ is a small [`TextEncoder`](#mmalign.models.text_scratch.TextEncoder):
 # character embeddings plus positions, one residual 1-d convolution block, **output pooling** over the
 # characters, then a linear map to the shared 128-d space. With a symmetric pairwise loss $L_{sym}$ (InfoNCE
 # at $\tau = 0.07$, captions of one scene as positives of each other), the thesis's **full graph**
-# (Tian et al., 2020) averages the loss over every pair of views:
+# (Tian et al., 2020; [`multiview_loss`](#mmalign.losses.multiview.multiview_loss)) averages the loss over every pair of views:
 #
 # $$
 # L_{graph} = \frac{1}{\binom{V}{2}} \sum_{j < t} L_{sym}(V_j, V_t), \qquad \binom{4}{2} = 6 \text{ terms}.
@@ -210,14 +210,14 @@ assert avg_all["image R (mean)"] < full["image R (mean)"] - 3
 # templates map one to one, so matching a Hindi caption to its English translation is easy once the
 # encoders know the words: cross-lingual Recall@10 comes close to 100% (the reference table at the end),
 # where it can no longer tell two models apart. A harder test keeps the task and makes the gallery hard.
-# Every scene also has a **foil** in each language (`SceneWorld.hard_negatives`): its first caption with
+# Every scene also has a **foil** in each language ([`SceneWorld.hard_negatives`](#mmalign.data.scenes.SceneWorld)): its first caption with
 # one colour, shape or size, or the relation, swapped, a sentence one word away from the truth. For each
 # scene's first caption in language $a$ we ask:
 #
 # * **foil 2AFC**: does its translation in language $b$ score above the foil in $b$? (chance 50%);
 # * **foil R@1**: Recall@1 of the translation when all foils join the gallery of $b$'s captions.
 #
-# Both directions, averaged, for H&E, J&E and J&H (`evaluate_foils`).
+# Both directions, averaged, for H&E, J&E and J&H ([`evaluate_foils`](#mmalign.experiments.languages.evaluate_foils)).
 
 # %%
 from mmalign.experiments.languages import evaluate_foils

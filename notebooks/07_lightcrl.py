@@ -89,7 +89,7 @@ print(f"profile={cfg.profile}  train/val/test scenes={cfg.n_train}/{cfg.n_val}/{
 # and MiniLM (384-d) do, so in the text-image experiment the adapters are modality-specific parameters,
 # and the parameter table below counts them apart. In the text-text experiment both models are 384-d:
 # there, as in the seed, the context vector is the only trained parameter that differs between modalities.
-# A quick look at a tiny DFE:
+# A quick look at a tiny DFE ([`DeepFusionEncoder`](#mmalign.models.lightcrl.DeepFusionEncoder)):
 
 # %%
 from mmalign.models.lightcrl import DFE_NAMES, FUSIONS, DeepFusionEncoder, parameter_table
@@ -125,7 +125,7 @@ assert torch.allclose(weights.sum(1), torch.ones(2)) and bool((weights[0, 3:] ==
 # attend over tokens on the MiniLM side only.
 #
 # The test: the scene world's **graded caption pairs** (STS-B style grades from 0 to 5, from the facts two
-# captions share; `mmalign.data.pairs.scene_sentence_pairs`), pairs of identical strings removed. A pair
+# captions share; [`mmalign.data.pairs.scene_sentence_pairs`](#mmalign.data.pairs.scene_sentence_pairs)), pairs of identical strings removed. A pair
 # is *similar* when its grade is at least 2.5, which gives a QQP-like binary task; a decision threshold on
 # the cosine is chosen on the validation pairs and applied to the test pairs. A raw model scores a pair with
 # its own cosine; a DFE scores it **across** the models, reading one sentence with MiniLM and the other
@@ -264,14 +264,14 @@ for name, r in ti_rows.items():
 # The seed scores the aligned image space on CIFAR-10 (zero-shot), CIFAR-100 (linear probe), Tiny ImageNet
 # (fine-tuning) and Flickr8k (retrieval). We use held-out scene-world tasks of the same four kinds:
 #
-# * **zero-shot classification**: the single-object test scenes, 32 classes (8 colours x 4 shapes). Each
+# * **zero-shot classification** ([`zero_shot`](#mmalign.experiments.lightcrl.zero_shot)): the single-object test scenes, 32 classes (8 colours x 4 shapes). Each
 #   class is the mean of its prompt embeddings over three templates ("a {}.", "a picture of a {}.",
 #   "there is a {} on the ground."; CLIP's prompt ensembling); an image takes the class of highest cosine.
-# * **linear probe**: the colour of the **leftmost** object, 8 classes, a label alignment never saw;
+# * **linear probe** ([`linear_probe`](#mmalign.experiments.lightcrl.linear_probe)): the colour of the **leftmost** object, 8 classes, a label alignment never saw;
 #   only a linear classifier on the frozen image embeddings trains (train scenes), scored on the test scenes.
-# * **fine-tuning**: the same task, the aligned image branch and the classifier both train (the frozen
+# * **fine-tuning** ([`fine_tune`](#mmalign.experiments.lightcrl.fine_tune)): the same task, the aligned image branch and the classifier both train (the frozen
 #   backbone stays frozen: its features are cached).
-# * **retrieval**: each test image ranks all test captions; the curve gives the percent of images with one
+# * **retrieval** ([`retrieval`](#mmalign.experiments.lightcrl.retrieval)): each test image ranks all test captions; the curve gives the percent of images with one
 #   of their captions in the top $k$, $k$ on a log range (the seed calls this a precision curve; by its
 #   definition, "a retrieval is deemed correct if the true caption is included within the top-k results",
 #   it is recall@k).

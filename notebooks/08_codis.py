@@ -44,8 +44,8 @@
 #
 # To run on a laptop, the towers are **one small transformer layer** over *frozen* features: the 3 x 3
 # patch grid of EfficientNet-Lite0 and the token states of MiniLM (chapter 7 reads the same features).
-# Everything lives in the library: `mmalign.ot` (Sinkhorn and IPOT), `mmalign.losses.codis` (the losses) and
-# `mmalign.models.codis` (towers, teacher, queues, fusion, codebook), with every term switched by a config.
+# Everything lives in the library: [`mmalign.ot`](#mmalign.ot) (Sinkhorn and IPOT), [`mmalign.losses.codis`](#mmalign.losses.codis) (the losses) and
+# [`mmalign.models.codis`](#mmalign.models.codis) (towers, teacher, queues, fusion, codebook), with every term switched by a config.
 
 # %%
 import time
@@ -92,7 +92,7 @@ budget
 #
 # Web captions are often wrong; a hard target then pushes the image *away* from a caption that in fact
 # describes it. The soft target lets the model agree with the teacher when the teacher finds another key
-# just as plausible. A look at the two targets on a tiny batch where caption 1 (of another item, say a
+# just as plausible. A look at the two targets ([`distill_contrastive_loss`](#mmalign.losses.codis.distill_contrastive_loss)) on a tiny batch where caption 1 (of another item, say a
 # mismatched pair) describes the image as well as caption 0 does; the soft target penalises a student that
 # ranks it high less than the hard one does:
 
@@ -167,9 +167,9 @@ assert min(per_seed[soft_row]) < max(per_seed[hard_row]), "some seed of alpha=0 
 # marginals (every codeword gets $N/K$ of the batch, so none collapses; SwAV, Caron et al., 2020) is an
 # OT problem, $\min_{T\in\Pi(\mu,\nu)} \langle T, D\rangle$.
 #
-# * **Sinkhorn** (Cuturi, 2013) solves the *entropic* problem $\langle T, D\rangle - \epsilon H(T)$ by
+# * **Sinkhorn** (Cuturi, 2013; [`sinkhorn`](#mmalign.ot.sinkhorn)) solves the *entropic* problem $\langle T, D\rangle - \epsilon H(T)$ by
 #   alternately rescaling the rows and columns of $e^{-D/\epsilon}$; its plan is blurred by $\epsilon$.
-# * **IPOT** (Xie et al., 2018; the seed's Algorithm 2) repeats one Sinkhorn scaling on
+# * **IPOT** (Xie et al., 2018; the seed's Algorithm 2; [`ipot`](#mmalign.ot.ipot)) repeats one Sinkhorn scaling on
 #   $e^{-D/\beta}\odot T^{(t)}$, using the previous plan as a proximal anchor; it converges to the *exact* plan.
 #
 # Both are written in the log domain (`mmalign.ot`): $e^{-D/\epsilon}$ underflows to 0 for small $\epsilon$,
@@ -212,7 +212,7 @@ assert gaps[0] > gaps[1] > gaps[2]
 # precision within 200 iterations while Sinkhorn does not yet (the cell above): Sinkhorn's convergence slows
 # as $\epsilon$ shrinks, while IPOT's proximal steps keep each subproblem well conditioned and still end at the
 # exact plan. A larger $\epsilon$ makes Sinkhorn fast, at the price of the blur. For codebook targets CODIS
-# uses IPOT with a few iterations; the library defaults to 20 (`codebook_targets`), and renormalises the rows. Speed at scale: `benchmarks/bench_sinkhorn.py` runs our log-domain
+# uses IPOT with a few iterations; the library defaults to 20 ([`codebook_targets`](#mmalign.losses.codis.codebook_targets)), and renormalises the rows. Speed at scale: `benchmarks/bench_sinkhorn.py` runs our log-domain
 # Sinkhorn against POT's `ot.sinkhorn(method="sinkhorn_log")` at $N=4096$, $K=1024$, 50 iterations on the
 # same inputs and checks the plans are equal:
 
@@ -234,7 +234,7 @@ else:
 # %% [markdown]
 # ## 3. The ablation of the seed
 #
-# Same towers, data, batch, epochs and learning rate for every row; only the switches of `CodisConfig`
+# Same towers, data, batch, epochs and learning rate for every row; only the switches of [`CodisConfig`](#mmalign.models.codis.CodisConfig)
 # change. Live, in this profile, we train two rows: (a) ITC cross-modal only (+ MLM + ITM), and
 # (b) + codebook with teacher features, the full CODIS.
 

@@ -70,7 +70,7 @@ print(f"{len(train.texts)} training pairs; {budget['epochs']} epochs per run; bu
 # To isolate the number of candidates from everything else, we keep the batch size, the steps, the
 # initial weights and the learning rate fixed and only cut each batch of $B$ pairs into equal parts: the
 # InfoNCE of each part sees only that part's captions as candidates, and the loss is the mean over parts
-# (`scaling.local_negatives_loss`). With two parts this is precisely what two processes compute when they do
+# ([`scaling.local_negatives_loss`](#mmalign.experiments.scaling.local_negatives_loss)). With two parts this is precisely what two processes compute when they do
 # *not* gather (section 2).
 
 # %%
@@ -98,17 +98,17 @@ plt.show()
 #
 # With $W$ processes, process $r$ computes the embeddings $a^{(r)}, b^{(r)}$ of its $n = B/W$ pairs. An
 # **all-gather** concatenates every process's embeddings in rank order, so each process holds the full
-# $B \times D$ matrices $A, B$ and can compute the single-process loss. Two details make it exact:
+# $B \times D$ matrices $A, B$ and can compute the single-process loss ([`gathered_info_nce`](#mmalign.dist.gathered_info_nce)). Two details make it exact:
 #
 # * **the gradient crosses processes.** A plain `all_gather` is not differentiable: the other processes'
-#   rows are constants. `mmalign.dist.all_gather` is an autograd function whose backward *sums* the gradient
+#   rows are constants. [`mmalign.dist.all_gather`](#mmalign.dist.all_gather) is an autograd function whose backward *sums* the gradient
 #   of the gathered matrix over processes and returns each process its own rows. Every process computes the
 #   same global loss $L$, so process $r$ receives $W\,\partial L/\partial a^{(r)}$, and averaging parameter
-#   gradients over the $W$ processes (what DDP and `mmalign.train.fit` do) gives exactly $\partial L/\partial\theta$.
+#   gradients over the $W$ processes (what DDP and [`mmalign.train.fit`](#mmalign.train.fit) do) gives exactly $\partial L/\partial\theta$.
 #   Detaching the other rows instead gives $\frac1W\,\partial L/\partial\theta$, a silent bug that
 #   `tests/test_dist.py` checks for.
 # * **labels carry the rank offset.** Row $i$ of process $r$ is row $rn + i$ of the gathered matrix; its
-#   positive is column $rn + i$, not $i$. With scene ids the ids are gathered too, so a caption of the same
+#   positive is column $rn + i$, not $i$. With scene ids the ids are gathered too ([`all_gather_ids`](#mmalign.dist.all_gather_ids)), so a caption of the same
 #   scene held by another process is a positive, never a negative.
 
 # %%
@@ -119,7 +119,7 @@ from mmalign import dist
 print(inspect.getsource(dist.gathered_info_nce))
 
 # %% [markdown]
-# `mmalign.dist_demo` is a small script that every process runs: it trains the chapter-2 heads through the
+# [`mmalign.dist_demo`](#mmalign.dist_demo) is a small script that every process runs: it trains the chapter-2 heads through the
 # course's one training loop, `mmalign.train.fit`, which under `torchrun` gives each process its part of every
 # seeded global batch, averages gradients after backward, reports losses averaged over processes and lets
 # rank 0 alone write checkpoints. It trains twice with the same global batch: **local** negatives (each
@@ -186,9 +186,9 @@ plt.show()
 # float32's range (no overflow below 88.7) but only 7 mantissa bits, so its logits are coarse.
 #
 # The course's rule: **logits in float32, and log-softmax (logsumexp), never a hand-written exp/sum.**
-# `mmalign.retrieval.similarity` turns autocast off and upcasts, so every loss built on it gets float32 logits
+# [`mmalign.retrieval.similarity`](#mmalign.retrieval.similarity) turns autocast off and upcasts, so every loss built on it gets float32 logits
 # even inside an autocast region. The table: one batch of 64 aligned pairs (positive cosine about 0.6),
-# the logits kept in each dtype, and the error of the log-softmax loss against float64 (for `info_nce`, the
+# the logits kept in each dtype, and the error of the log-softmax loss against float64 (for [`info_nce`](#mmalign.losses.info_nce.info_nce), the
 # symmetric loss against its own float64 value).
 
 # %%
@@ -300,7 +300,7 @@ pd.DataFrame({name: sizes for name, sizes in _PROFILE_SIZES.items()}).T[
 # torchrun --nproc_per_node=8 -m mmalign.dist_demo --out runs/   # 8 GPUs: NCCL, one GPU per process
 # ```
 #
-# `mmalign.dist.init()` picks NCCL when CUDA is present and gloo otherwise, and gives each process the GPU
+# [`mmalign.dist.init()`](#mmalign.dist.init) picks NCCL when CUDA is present and gloo otherwise, and gives each process the GPU
 # `LOCAL_RANK`. `MMALIGN_DEVICE=cpu` forces the CPU on a GPU machine. A GPU-less machine asking for the `gpu`
 # profile gets an error that says so, rather than a silent CPU run.
 

@@ -28,7 +28,7 @@ needs_site = pytest.mark.skipif(
     not (browser.HTML / "notebooks" / "00_tour.html").is_file(),
     reason="the book is not built: run `make book` first",
 )
-PAGES = ["intro.html", *browser.chapter_pages(), "instructors.html"]
+PAGES = ["intro.html", *browser.chapter_pages(), "instructors.html", *browser.API_PAGES]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_page_works_offline(site, page):
     assert (browser.HTML / page).is_file(), f"{page} is not in the built site: run `make book` again"
     report = site["reports"][page]
     assert browser.page_problems(page, report) == []
-    if page.startswith("notebooks/"):
+    if page.startswith(("notebooks/", "api/")):
         assert report["typeset"] > 0, f"{page}: expected typeset formulas (mjx-container), got none"
         executed = 'class="cell_output' in (browser.HTML / page).read_text(encoding="utf-8")
         assert report["images"] or not executed, f"{page}: expected figures in an executed chapter, got none"

@@ -1,13 +1,15 @@
 r"""Downstream evaluation of an embedding space: sentence pairs, zero-shot classification, linear
 probe, fine-tuning and a retrieval curve (the four tasks of course seed 003, LightCRL).
 
+Typical use::
+
     scores = pair_scores(za, zb)                                   # cosine of each pair
     t = choose_threshold(val_scores, val_labels)                   # decided on the validation split
     row = pair_classification(test_scores >= t, test_labels)       # the seed's QQP / MRPC table layout
     rho = spearman(test_scores, test_grades)                       # STS-B style
     acc = zero_shot_accuracy(image_emb, class_emb, labels)         # top-1..5 from prompt embeddings
     curve = train_classifier(model, train, test, epochs=20)        # linear probe / fine-tuning curves
-    hits = retrieval_curve(img, txt, img_ids, txt_ids, log_ks(900)) # the seed's Flickr8k curve
+    hits = retrieval_curve(img, txt, image_ids, text_ids, log_ks(900)) # the seed's Flickr8k curve
 """
 
 from __future__ import annotations

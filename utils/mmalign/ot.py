@@ -39,11 +39,11 @@ __all__ = ["OTResult", "sinkhorn", "ipot", "cost_matrix", "marginal_error", "uni
 class OTResult(NamedTuple):
     """What a solver returns.
 
-    plan: (..., N, K) transport plan T (rows sum to mu, columns to nu).
-    cost: (...) transport cost <T, D>.
-    n_iters: iterations run (outer iterations for IPOT).
-    error: max over the batch of the L1 error of the row marginal, |T 1 - mu|_1 (the column marginal
-        is exact after each iteration).
+    * ``plan``: (..., N, K) transport plan T (rows sum to mu, columns to nu).
+    * ``cost``: (...) transport cost <T, D>.
+    * ``n_iters``: iterations run (outer iterations for IPOT).
+    * ``error``: max over the batch of the L1 error of the row marginal, ``|T 1 - mu|_1`` (the column
+      marginal is exact after each iteration).
     """
 
     plan: torch.Tensor

@@ -1,5 +1,7 @@
 """Recipes the chapters share: train two projection heads on cached frozen features, and score them.
 
+Typical use::
+
     model, history = train_dual_encoder(train, val, cfg)                 # InfoNCE by default
     test_report = evaluate(model, test)                                  # Recall@1/5/10 both ways
 

@@ -8,7 +8,7 @@ whose shape disagrees is never returned: :func:`load_entry` says why and returns
 caller recomputes (and overwrites the bad entry).
 
 Writes go to a temporary file in the same folder, then ``os.replace`` renames it over the entry, so
-an interrupted run never leaves a half-written entry under the real name.
+an interrupted run never leaves a half-written entry under the real name. Typical use::
 
     meta = {"kind": "text-features", "model": "minilm|wordpiece64/mean/l2", "data": fingerprint(texts)}
     feats = load_entry(path, meta)

@@ -1,5 +1,7 @@
 """Frozen features of the scene world, computed once and cached: what the chapters train on.
 
+Typical use::
+
     train = scene_features("train", cfg)      # images (N, 1280), captions (N*K, 384), ids
     seq = sequence_features("train", cfg)     # patch grids (N, 9, 1280) and token states (N*K, L, 384)
     depth = depth_features(train.world)       # colour-mapped depth through the image encoder (N, 1280)

@@ -1,6 +1,8 @@
 r"""Sentence-pair benchmarks: GLUE's STS-B, MRPC and QQP TSV files as distributed, and the scene world's
 graded caption pairs (the offline default).
 
+Typical use::
+
     pairs = load_glue_pairs("glue_data/MRPC/dev.tsv")       # task read from the header
     pairs = scene_sentence_pairs(world, 1000, seed=0)        # offline: STS-B-like grades + binary labels
 

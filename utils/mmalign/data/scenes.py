@@ -5,6 +5,8 @@ ground plane. For every scene we know the RGB image, the exact per-pixel depth, 
 the scene graph, several captions in English, Hindi and Japanese (parallel across languages), a hard
 negative caption per language (one attribute or the relation swapped), and graded caption pairs.
 
+Typical use::
+
     world = load_scene_world("train", cfg)        # generated once, then read from the cache
     world.images.shape                            # (N, H, W, 3) uint8
     world.captions["hi"][0]                       # the Hindi captions of scene 0
@@ -40,7 +42,7 @@ _SLOT_Z = (0.0, 2.3)
 
 @dataclass
 class SceneWorld:
-    """One split of the scene world. Arrays are numpy; ``item_ids`` index scenes 0..N-1."""
+    """One split of the scene world. Arrays are numpy; scene i (its item id) is row i of every array."""
 
     images: np.ndarray  # (N, H, W, 3) uint8
     depth: np.ndarray  # (N, H, W) float32, camera-space z
@@ -274,7 +276,7 @@ def _check_lang(lang, captions: dict) -> None:
 def graded_caption_pairs(world: SceneWorld, n_pairs: int, seed: int = 0, lang: str = "en"):
     """Caption pairs with a similarity grade in [0, 5] (STS-B style) from the facts they share.
 
-    grade = 5 * |facts(a) & facts(b)| / |facts(a) | facts(b)|, where a caption's facts are the
+    ``grade = 5 * |facts(a) & facts(b)| / |facts(a) | facts(b)|``, where a caption's facts are the
     objects it mentions (colour, shape, and size if stated) and its relation. Half the pairs are two
     captions of one scene (often high grades), half are captions of two random scenes (mostly low).
 

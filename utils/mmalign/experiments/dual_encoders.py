@@ -1,6 +1,8 @@
 """Chapter 01: a dual encoder trained with the cosine embedding loss on +1/-1 pairs, then with InfoNCE;
 LAMB against Adam at a small and a large batch size.
 
+Typical use::
+
     loss = cosine_pair_loss(margin=0.3, negatives_per_positive=8)   # seed 001's loss, pairs from the batch
     runs = cosine_grid(train, val, test, cfg)                       # (margin, k) -> Run
     runs = optimizer_runs(train, val, test, cfg)                    # "Adam, B=128" ... -> Run

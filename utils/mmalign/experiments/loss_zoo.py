@@ -2,6 +2,8 @@
 optimizer, batch size and number of epochs, and the same tuning budget (three values of each loss's one
 knob, chosen on validation); only ``pair_loss`` changes.
 
+Typical use::
+
     losses = zoo_losses(cfg, total_steps, settings)  # name -> factory of a fresh (stateful) pair loss
     grid = tune_zoo(train, val, test, cfg, epochs)   # {name: {knob value: Run}}, the equal tuning budget
     table = zoo_table(runs)                          # seed-000 layout: R@1/5/10 both ways + Ep

@@ -5,6 +5,8 @@ Every run trains the same projection heads on the same cached frozen features wi
 changes. The notebook calls these functions, so its live tables and ``results/03_sampling.json``
 compute the same thing.
 
+Typical use::
+
     model, history = train_triplet(train, val, cfg, "hardest", k=3)
     history.metrics["violating"]      # per step: fraction of mined triplets inside the margin
 """

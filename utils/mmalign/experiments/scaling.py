@@ -171,7 +171,7 @@ def overflow_table(temperatures=(0.07, 0.01), n: int = 64, dim: int = 32, seed: 
     """Loss of aligned pairs (positive cosine about 0.6) with logits kept in each dtype.
 
     Rows: dtype of the logits and temperature; columns: the hand-written softmax, log-softmax
-    (logsumexp) in that dtype, and |error| against float64."""
+    (logsumexp) in that dtype, and ``|error|`` against float64."""
     g = torch.Generator().manual_seed(seed)
     a = F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1)
     b = F.normalize(a + 1.3 * F.normalize(torch.randn(n, dim, generator=g, dtype=torch.float64), dim=1), dim=1)

@@ -12,7 +12,7 @@ mode               terms (view 0 is the image by convention)                   n
 ``full``           :math:`L(V_i, V_j)` for every pair :math:`i < j`            V(V-1)/2
 ``image_anchor``   :math:`L(V_0, V_v)` for :math:`v = 1..V-1`                  V-1
 ``mean_anchor``    :math:`L(\bar V, V_v)`, :math:`\bar V = \frac1V\sum_u V_u`   V
-``others_anchor``  :math:`L(\bar V_{-v}, V_v)`, mean of the views other than v  V
+``others_anchor``  :math:`L(\bar V_{-v}, V_v)`, mean of the other views          V
 =================  ==========================================================  ===============
 
 The thesis (sec. 2.3) averages the terms: :math:`L_{graph} = \frac{1}{|pairs|}\sum_{j<t} L_{sym}(V_j,V_t)`
