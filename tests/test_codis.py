@@ -259,3 +259,16 @@ def test_train_codis_is_seeded_and_evaluates():
     assert runs[0] == runs[1], "two runs with the same seed must give the same numbers"
     assert set(runs[0]) >= {"i2t_R@1", "t2i_R@10", "rsum"}
     assert len(history.step) == 2 * (24 // 8)
+
+
+def test_distill_loss_ids_with_and_without_a_queue():
+    g = torch.Generator().manual_seed(5)
+    q, k, queue = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(2, 3, generator=g)
+    ids = torch.arange(4)
+    # an empty queue needs no queue ids and changes nothing
+    assert torch.equal(distill_contrastive_loss(q, k, ids=ids, queue=queue[:0]), distill_contrastive_loss(q, k, ids=ids))
+    with pytest.raises(ValueError, match=r"with a queue, pass ids=\(batch ids, queue ids\)"):
+        distill_contrastive_loss(q, k, ids=ids, queue=queue)
+    # the queue ids matter: a queue key sharing query 0's id leaves query 0's softmax
+    assert not torch.equal(distill_contrastive_loss(q, k, ids=(ids, torch.tensor([0, 9])), queue=queue),
+                           distill_contrastive_loss(q, k, ids=(ids, torch.tensor([8, 9])), queue=queue))

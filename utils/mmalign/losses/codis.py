@@ -79,6 +79,8 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids, que
     else:
         check_tensor("queue", queue, ndim=2, nonempty=False)
         check_same_width("q", q, "queue", queue)
+        if queue_ids is None and queue.shape[0] == 0:
+            queue_ids = ids[:0]
         if queue_ids is None:
             raise ValueError("with a queue, pass ids=(batch ids, queue ids) so that copies of a positive in the "
                              "queue are not used as negatives")
