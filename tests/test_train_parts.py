@@ -15,19 +15,7 @@ from torch import nn
 
 from mmalign.train import (History, TrainState, epoch_order, fit, load_checkpoint, record_eval, save_checkpoint,
                            train_step)
-
-
-class Counter:
-    """A stateful object (state_dict / load_state_dict) that counts what it saw."""
-
-    def __init__(self):
-        self.steps, self.seen = 0, 0
-
-    def state_dict(self):
-        return {"steps": self.steps, "seen": self.seen}
-
-    def load_state_dict(self, state):
-        self.steps, self.seen = state["steps"], state["seen"]
+from test_train import Counter  # a stateful object (state_dict / load_state_dict) that counts what it saw
 
 
 def mse(model, batch):
