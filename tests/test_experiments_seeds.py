@@ -36,3 +36,43 @@ def test_seeds_per_profile_and_the_spread_rule():
         seeds_for(load_config("ci"), 0)
     assert no_measured_difference(10.0, 1.0, 10.5, 0.2)
     assert not no_measured_difference(10.0, 1.0, 12.0, 0.5)
+
+
+def test_paired_difference_hand_worked_three_seeds():
+    from mmalign.experiments.seeds import paired_difference
+    # a - b per seed: +3, +1, +2 -> mean 2, sd 1, se 1/sqrt(3) = 0.577; 2 > 2 * 0.577: measured, higher
+    d = paired_difference({0: 13.0, 1: 11.0, 2: 12.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert (d.mean, d.std, d.n, d.higher, d.lower) == (2.0, 1.0, 3, 3, 0)
+    assert d.se == pytest.approx(1 / math.sqrt(3))
+    assert d.measured and d.verdict == "higher"
+    assert d.describe() == "+2.0 ± 1.0 (se 0.6, 3/3 seeds higher): higher"
+    # same means as an unpaired view would see, but the signs disagree: +5, -1, +2 -> not measured
+    d = paired_difference([15.0, 9.0, 12.0], [10.0, 10.0, 10.0])
+    assert (d.higher, d.lower) == (2, 1) and not d.measured and d.verdict == "no measured difference"
+    # every seed the same sign but the mean is within 2 se: -0.5, -4, -0.2 -> mean -1.567, sd 2.11, se 1.22
+    d = paired_difference([9.5, 6.0, 9.8], [10.0, 10.0, 10.0])
+    assert d.lower == 3 and d.mean == pytest.approx(-1.5666667) and not d.measured
+    # a constant gap is measured (se 0), lower
+    d = paired_difference([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])
+    assert d.measured and d.verdict == "lower" and d.se == 0.0
+    # a tie on one seed is not a sign: not measured
+    assert not paired_difference([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]).measured
+
+
+def test_paired_difference_one_seed_and_pairing_by_seed():
+    from mmalign.experiments.seeds import paired_difference, per_seed_values, summarize
+    assert not paired_difference([5.0], [1.0]).measured  # one seed never measures a difference
+    # mappings are paired by seed, not by order
+    d = paired_difference({"0": 1.0, "1": 5.0}, {"1": 4.0, "0": 0.0})
+    assert d.differences == (1.0, 1.0)
+    out = summarize({0: {"x": {"r": 3.0}, "y": {"r": 1.0}}, 1: {"x": {"r": 4.0}, "y": {"r": 1.5}}})
+    assert per_seed_values(out, "x", "r") == {"0": 3.0, "1": 4.0}
+    assert paired_difference(per_seed_values(out, "x", "r"), per_seed_values(out, "y", "r")).verdict == "higher"
+    with pytest.raises(ValueError, match="different seeds"):
+        paired_difference({0: 1.0}, {1: 1.0})
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite numbers"):
+        paired_difference([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="no entry"):
+        per_seed_values(out, "x", "missing")
