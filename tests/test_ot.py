@@ -180,7 +180,7 @@ def test_bad_input():
         sinkhorn(cost, 0.1, torch.full((5,), 0.2))
     with pytest.raises(ValueError, match="epsilon must be > 0"):
         sinkhorn(cost, -0.1)
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
+    with pytest.raises(ValueError, match="beta must be > 0"):  # ipot's regulariser is beta, not epsilon
         ipot(cost, 0.0)
     with pytest.raises(ValueError, match="negative masses"):
         ipot(cost, 0.1, torch.tensor([0.5, 0.5, 0.5, -0.5]), torch.full((3,), 1 / 3))

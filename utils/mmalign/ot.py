@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_int, check_positive, check_same_width, check_tensor
+from .checks import check_all_finite, check_choice, check_int, check_positive, check_same_width, check_tensor
 
 __all__ = ["OTResult", "sinkhorn", "ipot", "cost_matrix", "marginal_error", "uniform", "entropy"]
 
@@ -54,43 +54,70 @@ class OTResult(NamedTuple):
 
 def uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     """The uniform distribution on n points, (n,), on ``like``'s device and dtype."""
+    n = check_int("n", n, minimum=1)
+    if not isinstance(like, torch.Tensor):
+        raise TypeError(f"like must be a torch.Tensor (its device and dtype are used), got {type(like).__name__}")
     return torch.full((n,), 1.0 / n, device=like.device, dtype=like.dtype)
+
+
+def _index(flat: int, shape: tuple) -> tuple:
+    """The batch index (a tuple) of element ``flat`` of a batch of ``shape``."""
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat //= size
+    return tuple(reversed(out))
+
+
+def _check_marginal(name: str, m, size: int, batch: tuple, what: str, like: torch.Tensor) -> torch.Tensor:
+    """A marginal ``m``: a real float tensor, finite, non-negative, of shape (size,) or a batch (..., size)
+    that broadcasts to ``batch``; returned expanded to (*batch, size) on ``like``'s device and dtype."""
+    check_tensor(name, m, ndim=None, finite=False, nonempty=False)
+    if m.dim() == 0 or m.shape[-1] != size:
+        got = "a 0-d tensor" if m.dim() == 0 else f"{m.shape[-1]} entries (shape {tuple(m.shape)})"
+        raise ValueError(f"{name} has {got} but the {what} has {size} {'rows' if name == 'a' else 'columns'}; "
+                         f"pass one mass per {'row' if name == 'a' else 'column'}, shape ({size},)")
+    lead = tuple(m.shape[:-1])
+    if len(lead) > len(batch) or any(s not in (1, t) for s, t in zip(reversed(lead), reversed(batch))):
+        raise ValueError(
+            f"{name} has batch shape {lead} but the {what} has batch shape {tuple(batch)}; pass one marginal "
+            f"({size},) for every batch element, or one per element, shape {(*batch, size)}")
+    check_all_finite((name, m))
+    if bool((m < 0).any()):
+        raise ValueError(f"{name} has negative masses (smallest {float(m.min()):.3g}); marginals must be non-negative")
+    return m.to(like.device, like.dtype).expand(*batch, size)
 
 
 def _marginals(cost: torch.Tensor, a, b, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = cost.shape[-2:]
-    out = []
-    for name, m, size, dim in (("a", a, n, -2), ("b", b, k, -1)):
-        if m is None:
-            out.append(uniform(size, cost).to(dtype).expand(*cost.shape[:-2], size))
-            continue
-        check_tensor(name, m)
-        if m.shape[-1] != size:
-            raise ValueError(
-                f"{name} has {m.shape[-1]} entries but the cost has {size} {'rows' if name == 'a' else 'columns'} "
-                f"(cost shape {tuple(cost.shape)}); pass one mass per {'row' if name == 'a' else 'column'}"
-            )
-        if bool((m < 0).any()):
-            raise ValueError(f"{name} has negative masses; marginals must be non-negative")
-        out.append(m.to(cost.device, dtype).expand(*cost.shape[:-2], size))
+    batch = tuple(cost.shape[:-2])
+    like = cost if cost.dtype == dtype else cost.new_empty(0, dtype=dtype)
+    out = [uniform(size, like).expand(*batch, size) if m is None else _check_marginal(name, m, size, batch, "cost", like)
+           for name, m, size in (("a", a, n), ("b", b, k))]
     sa, sb = out[0].sum(-1), out[1].sum(-1)
-    if not torch.allclose(sa, sb, rtol=1e-4, atol=1e-6):
+    close = torch.isclose(sa, sb, rtol=1e-4, atol=1e-6)
+    if not bool(close.all()):
+        bad = int((~close).flatten().nonzero()[0])
+        where = f" at batch element {_index(bad, batch)}" if batch else ""
         raise ValueError(
-            f"the marginals have different total mass (a sums to {float(sa.flatten()[0]):.6g}, b to "
-            f"{float(sb.flatten()[0]):.6g}); normalise both, e.g. a / a.sum() and b / b.sum()"
+            f"the marginals have different total mass{where} (a sums to {float(sa.flatten()[bad]):.6g}, b to "
+            f"{float(sb.flatten()[bad]):.6g}); normalise both, e.g. a / a.sum(-1, keepdim=True) and "
+            "b / b.sum(-1, keepdim=True)"
         )
     if bool((sa <= 0).any()):
-        raise ValueError("the marginals have zero total mass; give them positive entries")
+        bad = int((sa <= 0).flatten().nonzero()[0])
+        where = f" at batch element {_index(bad, batch)}" if batch else ""
+        raise ValueError(f"the marginals have zero total mass{where}; give them positive entries")
     return out[0], out[1]
 
 
-def _check_common(cost, epsilon, n_iters, tol):
-    check_tensor("cost", cost, ndim=None)
+def _check_common(cost, reg_name, reg, n_iters, tol):
+    check_tensor("cost", cost, ndim=None, nonempty=False)
     if cost.dim() < 2:
         raise ValueError(f"cost must be (..., N, K), got shape {tuple(cost.shape)}")
-    if cost.shape[-1] == 0 or cost.shape[-2] == 0:
-        raise ValueError(f"cost is empty (shape {tuple(cost.shape)})")
-    check_positive("epsilon", epsilon)
+    if cost.numel() == 0:
+        raise ValueError(f"cost is empty (shape {tuple(cost.shape)}): it needs at least one row and one column")
+    check_positive(reg_name, reg)
     check_int("n_iters", n_iters, minimum=1)
     if tol is not None:
         check_positive("tol", tol)
@@ -102,10 +129,24 @@ def _log(m: torch.Tensor) -> torch.Tensor:
 
 
 def marginal_error(plan: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
-    """L1 error of both marginals, ``|T1 - a|_1 + |T^T 1 - b|_1``, per batch element (uniform by default)."""
-    check_tensor("plan", plan, ndim=None)
-    a = uniform(plan.shape[-2], plan) if a is None else a.to(plan)
-    b = uniform(plan.shape[-1], plan) if b is None else b.to(plan)
+    r"""L1 error of both marginals, :math:`\|T\mathbf 1 - a\|_1 + \|T^\top \mathbf 1 - b\|_1`, per batch element.
+
+    Args:
+        plan: (..., N, K) transport plan (finite, real floating).
+        a, b: (N,) / (K,) marginals, or one per batch element (..., N) / (..., K); uniform by default.
+            They are checked like a solver's (one mass per row / column, finite, non-negative); their
+            total masses may differ (the error then says so).
+
+    Returns:
+        (...) the error of each batch element, in the plan's dtype.
+    """
+    check_tensor("plan", plan, ndim=None, nonempty=False)
+    if plan.dim() < 2 or plan.numel() == 0:
+        raise ValueError(f"plan must be a non-empty (..., N, K) transport plan, got shape {tuple(plan.shape)}")
+    n, k = plan.shape[-2:]
+    batch = tuple(plan.shape[:-2])
+    a = uniform(n, plan) if a is None else _check_marginal("a", a, n, batch, "plan", plan)
+    b = uniform(k, plan) if b is None else _check_marginal("b", b, k, batch, "plan", plan)
     return (plan.sum(-1) - a).abs().sum(-1) + (plan.sum(-2) - b).abs().sum(-1)
 
 
@@ -141,7 +182,7 @@ def _scaling_loop(log_k, log_a, log_b, log_v, n_iters, tol, check_every):
             log_v = log_b - torch.logsumexp(log_k + log_u.unsqueeze(-1), dim=-2)
         if tol is not None and (it % check_every == 0 or it == n_iters):
             row = torch.logsumexp(log_k + log_u.unsqueeze(-1) + log_v.unsqueeze(-2), dim=-1).exp()
-            err = float((row - log_a.exp()).abs().sum(-1).max())
+            err = float((row.detach() - log_a.exp()).abs().sum(-1).max())
             if err <= tol:
                 return log_u, log_v, it, err
     return log_u, log_v, n_iters, err
@@ -174,7 +215,7 @@ def sinkhorn(cost: torch.Tensor, epsilon: float = 0.05, a: torch.Tensor | None =
         :class:`OTResult` (plan (..., N, K), cost <T, D> (...), n_iters, error), in float32 (float64
         for float64 input), on ``cost``'s device. Detach the plan to use it as a target.
     """
-    _check_common(cost, epsilon, n_iters, tol)
+    _check_common(cost, "epsilon", epsilon, n_iters, tol)
     check_int("check_every", check_every, minimum=1)
     dtype = torch.promote_types(cost.dtype, torch.float32)
     with torch.autocast(device_type=cost.device.type, enabled=False):
@@ -186,7 +227,7 @@ def sinkhorn(cost: torch.Tensor, epsilon: float = 0.05, a: torch.Tensor | None =
         log_u, log_v, n, err = _scaling_loop(log_k, log_a, log_b, log_v, n_iters, tol, check_every)
         log_plan = log_k + log_u.unsqueeze(-1) + log_v.unsqueeze(-2)
         if tol is None:
-            err = float((log_plan.exp().sum(-1) - a).abs().sum(-1).max())
+            err = float((log_plan.detach().exp().sum(-1) - a).abs().sum(-1).max())
         return _result(log_plan, cost, n, err)
 
 
@@ -218,7 +259,7 @@ def ipot(cost: torch.Tensor, beta: float = 0.5, a: torch.Tensor | None = None, b
     Returns:
         :class:`OTResult`, as :func:`sinkhorn`.
     """
-    _check_common(cost, beta, n_iters, tol)
+    _check_common(cost, "beta", beta, n_iters, tol)
     check_int("inner_iters", inner_iters, minimum=1)
     dtype = torch.promote_types(cost.dtype, torch.float32)
     with torch.autocast(device_type=cost.device.type, enabled=False):
@@ -234,12 +275,12 @@ def ipot(cost: torch.Tensor, beta: float = 0.5, a: torch.Tensor | None = None, b
             log_delta, log_sigma, _, _ = _scaling_loop(log_q, log_a, log_b, log_sigma, inner_iters, None, 1)
             log_t = log_q + log_delta.unsqueeze(-1) + log_sigma.unsqueeze(-2)
             if tol is not None:
-                err = float((log_t.exp().sum(-1) - a).abs().sum(-1).max())
+                err = float((log_t.detach().exp().sum(-1) - a).abs().sum(-1).max())
                 if err <= tol:
                     n = it
                     break
         if tol is None:
-            err = float((log_t.exp().sum(-1) - a).abs().sum(-1).max())
+            err = float((log_t.detach().exp().sum(-1) - a).abs().sum(-1).max())
         return _result(log_t, cost, n, err)
 
 
@@ -258,7 +299,33 @@ def cost_matrix(features: torch.Tensor, prototypes: torch.Tensor, metric: str = 
         return (z.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1) - 2 * z @ c.T).clamp_min(0)
 
 
-def entropy(plan: torch.Tensor) -> torch.Tensor:
-    """-sum T log T over the last two dimensions (0 log 0 = 0): how blurred a plan is."""
-    return -torch.xlogy(plan, plan).sum((-2, -1))
+# entries of a plan down to -NEGATIVE_TOLERANCE times its largest entry count as 0 in :func:`entropy`
+NEGATIVE_TOLERANCE = 1e-6
 
+
+def entropy(plan: torch.Tensor) -> torch.Tensor:
+    r"""The entropy of a transport plan, :math:`H(T) = -\sum_{ij} T_{ij} \log T_{ij}` over the last two
+    dimensions (with :math:`0 \log 0 = 0`): how blurred a plan is.
+
+    A plan is non-negative. An exact (LP) solver may return entries a hair below zero (round-off such as
+    -1e-9): entries down to ``-NEGATIVE_TOLERANCE`` (1e-6) times the plan's largest entry are clamped to
+    0; a more negative entry, a NaN or inf, a complex or integer dtype raise ``ValueError``.
+
+    Args:
+        plan: (..., N, K) transport plan, real floating.
+
+    Returns:
+        (...) entropies, in the plan's dtype.
+    """
+    check_tensor("plan", plan, ndim=None, nonempty=False)
+    if plan.dim() < 2 or plan.numel() == 0:
+        raise ValueError(f"plan must be a non-empty (..., N, K) transport plan, got shape {tuple(plan.shape)}")
+    low = plan.amin()
+    if bool(low < 0):
+        scale = float(plan.abs().amax())
+        if float(low) < -NEGATIVE_TOLERANCE * scale:
+            raise ValueError(
+                f"plan has negative entries (smallest {float(low):.3g}, largest {scale:.3g}); a transport plan is "
+                f"non-negative (only round-off down to -{NEGATIVE_TOLERANCE:g} x the largest entry is clamped to 0)")
+        plan = plan.clamp_min(0)
+    return -torch.xlogy(plan, plan).sum((-2, -1))
