@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from mmalign.losses import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
+                            sample_hard_negatives)
+from mmalign.models.codis import Codis, CodisConfig
 from mmalign.ot import cost_matrix, entropy, ipot, marginal_error, sinkhorn, uniform
 
 NAN, INF = float("nan"), float("inf")
@@ -93,8 +96,146 @@ def test_solvers_take_one_marginal_per_batch_element():
     assert torch.allclose(r.plan.sum(-1), a, atol=1e-10)
 
 
+# ------------------------------------------------------------------------ losses.codis
+Q, KB, QT = (torch.randn(4, 3, generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3))
+FEAT, PROTOS = torch.randn(4, 3, generator=torch.Generator().manual_seed(4)), torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
+TARGETS = codebook_targets(FEAT, PROTOS)  # rows sum to 1
+CODIS_LOSS_CASES = {
+    "distill q_teacher too few rows": (lambda: distill_contrastive_loss(Q, KB, alpha=0.4, q_teacher=QT[:1]), ValueError,
+                                       r"^q_teacher must have one row per query \(4\), got 1"),
+    "distill q_teacher width": (lambda: distill_contrastive_loss(Q, KB, alpha=0.4, q_teacher=torch.randn(4, 5)), ValueError,
+                                r"^q_teacher must have 3 features per row"),
+    "distill nan q_teacher": (lambda: distill_contrastive_loss(Q, KB, alpha=0.4, q_teacher=QT.clone().fill_(NAN)), ValueError,
+                              r"^q_teacher holds NaN"),
+    "distill nan queue": (lambda: distill_contrastive_loss(Q, KB, ids=(torch.arange(4), torch.arange(2)),
+                                                           queue=torch.full((2, 3), NAN)), ValueError, r"^queue holds NaN"),
+    "distill nan q": (lambda: distill_contrastive_loss(Q.clone().fill_(NAN), KB), ValueError, r"^q holds NaN"),
+    "distill float ids": (lambda: distill_contrastive_loss(Q, KB, ids=torch.arange(4).float()), ValueError,
+                          r"^ids must hold integer ids"),
+    "distill queue without ids": (lambda: distill_contrastive_loss(Q, KB, queue=torch.randn(2, 3)), ValueError,
+                                  r"with a queue, pass ids=\(batch ids, queue ids\)"),
+    "distill alpha without teacher": (lambda: distill_contrastive_loss(Q, KB, alpha=0.4), ValueError, r"alpha > 0 needs q_teacher"),
+    "sample_hard_negatives bad generator": (lambda: sample_hard_negatives(Q @ KB.T, generator=0), TypeError,
+                                            r"^generator must be a torch.Generator or None, got int"),
+    "codebook_targets epsilon 0": (lambda: codebook_targets(FEAT, PROTOS, epsilon=0.0), ValueError, r"^epsilon must be > 0"),
+    "codebook_targets sinkhorn epsilon nan": (lambda: codebook_targets(FEAT, PROTOS, solver="sinkhorn", epsilon=NAN),
+                                              ValueError, r"^epsilon must be finite"),
+    "codebook_targets metric": (lambda: codebook_targets(FEAT, PROTOS, metric="l1"), ValueError, r"^metric must be one of"),
+    "prototype_loss plan instead of targets": (lambda: prototype_loss(FEAT, PROTOS, TARGETS / 4), ValueError,
+                                               r"^targets rows must sum to 1, but row 0 sums to 0.25; the rows sum to 1/N = 1/4: "
+                                               r"this is a transport plan"),
+    "prototype_loss rows not distributions": (lambda: prototype_loss(FEAT, PROTOS, torch.rand(4, 5) + 0.5), ValueError,
+                                              r"^targets rows must sum to 1, but row 0 sums to"),
+    "prototype_loss negative targets": (lambda: prototype_loss(FEAT, PROTOS, torch.tensor([[1.5, -0.5, 0, 0, 0]] * 4)),
+                                        ValueError, r"^targets has negative entries"),
+    "prototype_loss nan targets": (lambda: prototype_loss(FEAT, PROTOS, TARGETS.clone().fill_(NAN)), ValueError, r"^targets holds NaN"),
+    "ot_cost_loss targets instead of plan": (lambda: ot_cost_loss(FEAT, PROTOS, TARGETS), ValueError,
+                                             r"^plan must be a transport plan of total mass 1 .* got total mass 4; the rows sum "
+                                             r"to 1: these are codebook targets, pass them divided by N \(4\)"),
+    "ot_cost_loss negative plan": (lambda: ot_cost_loss(FEAT, PROTOS, TARGETS / 4 - 0.2), ValueError, r"^plan has negative entries"),
+}
+
+
+def test_distill_ids_none_means_the_diagonal_pairs():
+    want = distill_contrastive_loss(Q, KB, ids=torch.arange(4), alpha=0.4, q_teacher=QT)
+    assert torch.equal(distill_contrastive_loss(Q, KB, alpha=0.4, q_teacher=QT), want)
+    assert torch.equal(distill_contrastive_loss(Q, KB, ids=None, alpha=0.4, q_teacher=QT), want)
+    queue, qids = torch.randn(3, 3, generator=torch.Generator().manual_seed(9)), torch.tensor([0, 7, 8])
+    assert torch.equal(distill_contrastive_loss(Q, KB, ids=(None, qids), queue=queue),
+                       distill_contrastive_loss(Q, KB, ids=(torch.arange(4), qids), queue=queue))
+
+
+@pytest.mark.parametrize("as_ids", [lambda t: list(t.numpy()), lambda t: tuple(t), lambda t: t.numpy(), lambda t: t.tolist()],
+                         ids=["list of numpy ints", "tuple of 0-d tensors", "numpy array", "list of ints"])
+def test_distill_two_ids_at_batch_two_are_batch_ids_not_a_pair(as_ids):
+    q, k = Q[:2], KB[:2]
+    same = torch.tensor([3, 3])  # one item twice: both keys are positives of both queries
+    want = distill_contrastive_loss(q, k, ids=same)
+    assert torch.equal(distill_contrastive_loss(q, k, ids=as_ids(same)), want)
+    assert not torch.equal(want, distill_contrastive_loss(q, k))  # the ids matter
+
+
+def test_prototype_loss_takes_the_targets_and_ot_cost_loss_the_plan():
+    loss = prototype_loss(FEAT, PROTOS, TARGETS)
+    assert torch.isfinite(loss)
+    assert float(ot_cost_loss(FEAT, PROTOS, TARGETS / 4)) == pytest.approx(float((TARGETS / 4 * cost_matrix(FEAT, PROTOS)).sum()))
+
+
+# ------------------------------------------------------------------------ models.codis
+def tiny_codis(**kw):
+    base = dict(image_dim=12, text_dim=10, width=16, heads=2, embed_dim=8, max_patches=4, max_tokens=6, queue_size=8,
+                momentum=0.9, vocab_size=5, n_codewords=4, intra=True, codebook=True)
+    base.update(kw)
+    torch.manual_seed(0)
+    return Codis(CodisConfig(**base))
+
+
+MODEL = tiny_codis()
+
+
+def codis_batch(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    patches, tokens = torch.randn(b, 4, 12, generator=g), torch.randn(b, 6, 10, generator=g)
+    mask = torch.ones(b, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    labels = torch.randint(0, 5, (b, 6), generator=g).masked_fill(~mask, -100)
+    return patches, tokens, mask, torch.arange(b), labels
+
+
+def losses_with(**changes):
+    names = ("patches", "tokens", "token_mask", "ids", "mlm_labels")
+    args = dict(zip(names, codis_batch()))
+    args.update(changes)
+    return MODEL.losses(**args)
+
+
+P, T, M, I, L = codis_batch()
+CODIS_MODEL_CASES = {
+    "losses patch width": (lambda: losses_with(patches=torch.randn(3, 4, 11)), ValueError,
+                           r"^patches must be \(B, P, image_dim=12\), got width 11"),
+    "losses too many patches": (lambda: losses_with(patches=torch.randn(3, 5, 12)), ValueError,
+                                r"^patches has 5 patches per image .* takes 1..4"),
+    "losses 2-d patches": (lambda: losses_with(patches=torch.randn(3, 12)), ValueError, r"^patches must be 3-d"),
+    "losses nan patches": (lambda: losses_with(patches=P.clone().fill_(NAN)), ValueError, r"^patches holds NaN"),
+    "losses inf tokens": (lambda: losses_with(tokens=T.clone().fill_(INF)), ValueError, r"^tokens holds NaN or inf"),
+    "losses int patches": (lambda: losses_with(patches=P.long()), ValueError, r"^patches must be a real floating-point"),
+    "losses token width": (lambda: losses_with(tokens=torch.randn(3, 6, 9)), ValueError,
+                           r"^tokens must be \(B, L, text_dim=10\), got width 9"),
+    "losses too many tokens": (lambda: losses_with(tokens=torch.randn(3, 7, 10), token_mask=torch.ones(3, 7, dtype=torch.bool),
+                                                   mlm_labels=None), ValueError, r"^tokens has 7 positions per caption .* 1..6"),
+    "losses rows differ": (lambda: losses_with(tokens=T[:2], token_mask=M[:2], mlm_labels=L[:2]), ValueError,
+                           r"^patches and tokens must hold one row per pair, got 3 images and 2 captions"),
+    "losses mask shape": (lambda: losses_with(token_mask=M[:, :5]), ValueError, r"^token_mask must have shape \(3, 6\), got \(3, 5\)"),
+    "losses float mask": (lambda: losses_with(token_mask=M.float()), ValueError,
+                          r"^token_mask must be boolean .* got torch.float32; use token_mask.bool\(\)"),
+    "losses mask of 2s": (lambda: losses_with(token_mask=M.long() * 2), ValueError, r"^token_mask must be boolean"),
+    "losses mask None": (lambda: losses_with(token_mask=None), ValueError, r"^token_mask is None"),
+    "losses ids float": (lambda: losses_with(ids=I.float()), ValueError, r"^ids must hold integer ids"),
+    "losses ids short": (lambda: losses_with(ids=I[:2]), ValueError, r"^ids must be 1-d with one id per row \(3 rows\)"),
+    "losses mlm labels >= vocab": (lambda: losses_with(mlm_labels=L.masked_fill(M, 5)), ValueError,
+                                   r"^mlm_labels go up to 5 but the model predicts vocab_size=5 classes"),
+    "losses mlm labels float": (lambda: losses_with(mlm_labels=L.float()), ValueError, r"^mlm_labels must hold integer class indices"),
+    "losses mlm labels shape": (lambda: losses_with(mlm_labels=L[:, :5]), ValueError, r"^mlm_labels must be \(B, L\) = \(3, 6\)"),
+    "losses bad generator": (lambda: MODEL.losses(P, T, M, I, L, generator=1), TypeError, r"^generator must be a torch.Generator"),
+    "encode_images width": (lambda: MODEL.encode_images(torch.randn(2, 4, 3)), ValueError, r"^patches must be \(B, P, image_dim=12\)"),
+    "encode_texts mask shape": (lambda: MODEL.encode_texts(T, M[:2]), ValueError, r"^token_mask must have shape \(3, 6\)"),
+    "encode_texts batch_size 0": (lambda: MODEL.encode_texts(T, M, batch_size=0), ValueError, r"^batch_size must be >= 1"),
+    "codeword_assignments width": (lambda: MODEL.codeword_assignments(torch.randn(3, 5)), ValueError,
+                                   r"^emb must be \(\.\.\., embed_dim=8\)"),
+}
+
+
+def test_codis_losses_take_a_0_1_integer_mask_and_int32_labels_as_the_bool_mask():
+    want = MODEL.losses(P, T, M, I, L, generator=torch.Generator().manual_seed(1))
+    got = MODEL.losses(P, T, M.int(), I.numpy(), L.int(), generator=torch.Generator().manual_seed(1))
+    MODEL._pending = None
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
 # ------------------------------------------------------------------------ every case above
-CASES = {**OT_CASES}
+CASES = {**OT_CASES, **CODIS_LOSS_CASES, **CODIS_MODEL_CASES}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

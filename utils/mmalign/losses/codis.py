@@ -13,12 +13,14 @@ autocast (float64 stays float64), and reductions go through ``log_softmax`` / ``
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 from .._deprecation import keyword_settings
-from ..checks import (check_choice, check_embeddings, check_id_pair, check_ids, check_int, check_positive,
-                      check_probability, check_same_width, check_tensor)
+from ..checks import (check_all_finite, check_choice, check_embeddings, check_id_pair, check_ids, check_int,
+                      check_positive, check_probability, check_same_width, check_tensor)
 from ..ot import cost_matrix, ipot, sinkhorn
 
 __all__ = ["distill_contrastive_loss", "sample_hard_negatives", "codebook_targets", "prototype_loss",
@@ -30,9 +32,33 @@ def _float(*xs):
     return [x.to(dtype) for x in xs]
 
 
+def _is_scalar(x) -> bool:
+    """One id (a Python or numpy integer, a 0-d tensor or array), not a sequence of ids."""
+    return isinstance(x, numbers.Integral) or getattr(x, "ndim", None) == 0
+
+
+def _batch_and_queue_ids(ids, n: int, device) -> tuple:
+    """``ids`` of :func:`distill_contrastive_loss` as (batch ids (n,) LongTensor, queue ids or None).
+
+    A 2-sequence is the pair (batch ids, queue ids) only when neither item is a single id: at batch 2,
+    ``[np.int64(3), np.int64(5)]`` or ``tuple(torch.tensor([3, 5]))`` are the two batch ids."""
+    queue_ids = None
+    if isinstance(ids, (tuple, list)) and len(ids) == 2 and not any(_is_scalar(i) for i in ids):
+        ids, queue_ids = ids
+    if ids is None:
+        return torch.arange(n, device=device), queue_ids
+    return check_ids("ids", ids, n, device), queue_ids
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+                        "create one with torch.Generator().manual_seed(seed)")
+
+
 @keyword_settings(old_order=("ids", "queue", "queue_ids", "temperature", "alpha", "q_teacher"),
                   id_pairs={("ids", "queue_ids"): "ids"})
-def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids, queue: torch.Tensor | None = None,
+def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids=None, queue: torch.Tensor | None = None,
                              temperature: float = 0.07, alpha: float = 0.0,
                              q_teacher: torch.Tensor | None = None) -> torch.Tensor:
     r"""Queued contrastive loss with momentum-distillation soft targets (ALBEF, Eq. 2 and Sec. 3.3).
@@ -55,29 +81,34 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids, que
     Args:
         q: (B, D) student features (normalised here). k_batch: (B, D) teacher features of the batch's
             pairs in the other (or the same) modality.
-        ids: (B,) item ids of the batch, or with a queue the pair ``(batch ids (B,), queue ids (M,))``.
+        ids: (B,) item ids of the batch (a tensor, list or numpy array), or with a queue the pair
+            ``(batch ids (B,), queue ids (M,))``; None (default), or None as the batch side of the pair,
+            means the diagonal pairs (every query its own item).
         queue: (M, D) queued teacher features (M may be 0), e.g. ``MoCoQueue.keys``.
         temperature: tau > 0. alpha: weight of the soft targets in [0, 1] (0 = hard labels).
-        q_teacher: (B, D) teacher features of the queries; needed when alpha > 0.
+        q_teacher: (B, D) teacher features of the queries (one row per query); needed when alpha > 0.
 
     Returns:
         The scalar loss.
     """
-    check_embeddings("q", q)
-    check_embeddings("k_batch", k_batch, q.shape[1])
+    check_embeddings("q", q, finite=False)
+    check_embeddings("k_batch", k_batch, q.shape[1], finite=False)
     if k_batch.shape[0] != q.shape[0]:
         raise ValueError(f"k_batch must have one key per query ({q.shape[0]}), got {k_batch.shape[0]}")
-    is_pair = isinstance(ids, (tuple, list)) and len(ids) == 2 and not all(isinstance(i, int) for i in ids)
-    ids, queue_ids = ids if is_pair else (ids, None)
-    ids = check_ids("ids", ids, q.shape[0], q.device)
+    ids, queue_ids = _batch_and_queue_ids(ids, q.shape[0], q.device)
     check_positive("temperature", temperature)
     check_probability("alpha", alpha)
     if alpha > 0 and q_teacher is None:
         raise ValueError("alpha > 0 needs q_teacher, the momentum features of the queries")
+    if q_teacher is not None:
+        check_embeddings("q_teacher", q_teacher, q.shape[1], finite=False)
+        if q_teacher.shape[0] != q.shape[0]:
+            raise ValueError(f"q_teacher must have one row per query ({q.shape[0]}), got {q_teacher.shape[0]} "
+                             f"(shape {tuple(q_teacher.shape)}); pass the teacher's features of the same batch")
     if queue is None:
         queue, queue_ids = q.new_zeros(0, q.shape[1]), ids[:0]
     else:
-        check_tensor("queue", queue, ndim=2, nonempty=False)
+        check_tensor("queue", queue, ndim=2, nonempty=False, finite=False)
         check_same_width("q", q, "queue", queue)
         if queue_ids is None and queue.shape[0] == 0:
             queue_ids = ids[:0]
@@ -85,6 +116,7 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids, que
             raise ValueError("with a queue, pass ids=(batch ids, queue ids) so that copies of a positive in the "
                              "queue are not used as negatives")
         queue_ids = check_ids("ids[1] (queue ids)", queue_ids, queue.shape[0], q.device)
+    check_all_finite(("q", q), ("k_batch", k_batch), ("queue", queue), ("q_teacher", q_teacher if alpha > 0 else None))
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k_batch, queue = _float(q, k_batch.detach(), queue.detach().to(q.device))
         keys = F.normalize(torch.cat([k_batch, queue]), dim=-1)
@@ -96,7 +128,6 @@ def distill_contrastive_loss(q: torch.Tensor, k_batch: torch.Tensor, *, ids, que
         log_p = torch.log_softmax(logits, dim=1).masked_fill(~valid, 0.0)
         target = hard
         if alpha > 0:
-            check_embeddings("q_teacher", q_teacher, q.shape[1])
             qt = F.normalize(q_teacher.detach().to(q), dim=-1)
             soft = torch.softmax((qt @ keys.T / temperature).masked_fill(~valid, float("-inf")), dim=1)
             target = (1 - alpha) * hard + alpha * soft
@@ -125,6 +156,7 @@ def sample_hard_negatives(sim: torch.Tensor, *, ids=None, temperature: float = 1
     """
     check_tensor("sim", sim, ndim=2)
     check_positive("temperature", temperature)
+    _check_generator(generator)
     n_rows, n_cols = sim.shape
     if ids is None:
         if n_rows != n_cols:
@@ -169,7 +201,9 @@ def codebook_targets(features: torch.Tensor, prototypes: torch.Tensor, *, solver
             f"create the codebook with dim={features.shape[1]} (the projection's output size)"
         )
     check_choice("solver", solver, ("ipot", "sinkhorn"))
+    check_positive("epsilon", epsilon)
     check_int("n_iters", n_iters, minimum=1)
+    check_choice("metric", metric, ("cosine", "sqeuclidean"))
     with torch.no_grad():
         cost = cost_matrix(features.detach(), prototypes.detach(), metric)
         fn = ipot if solver == "ipot" else sinkhorn
@@ -177,6 +211,25 @@ def codebook_targets(features: torch.Tensor, prototypes: torch.Tensor, *, solver
         # after a few iterations the columns hold exactly but the rows only approximately: renormalise each
         # row into a distribution over codewords (SwAV does the same with its Sinkhorn codes)
         return plan / plan.sum(1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
+
+
+def _check_rows_sum_to_one(targets: torch.Tensor) -> None:
+    """Non-negative rows that sum to 1; one host sync when they do."""
+    t = targets.detach()
+    sums = t.sum(1, dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum(1)
+    tol = 1e-2 if t.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    if bool((t.amin() >= 0) & ((sums - 1).abs() <= tol).all()):
+        return
+    if bool(t.amin() < 0):
+        raise ValueError(f"targets has negative entries (smallest {float(t.amin()):.3g}); each row must be a "
+                         "distribution over the codewords")
+    n = t.shape[0]
+    bad = int(((sums - 1).abs() > tol).nonzero()[0])
+    hint = ("pass each row as a distribution over the codewords, e.g. targets / targets.sum(1, keepdim=True)")
+    if n > 1 and bool(((sums * n - 1).abs() <= tol).all()):
+        hint = (f"the rows sum to 1/N = 1/{n}: this is a transport plan (what ot_cost_loss takes); pass "
+                f"codebook_targets(...) itself, or plan * {n}")
+    raise ValueError(f"targets rows must sum to 1, but row {bad} sums to {float(sums[bad]):.6g}; {hint}")
 
 
 @keyword_settings(old_order=("gamma",))
@@ -192,7 +245,10 @@ def prototype_loss(features: torch.Tensor, prototypes: torch.Tensor, targets: to
     the paired images, ``L_i2p`` image features with the targets of the captions. Gradients reach the
     features and the prototypes, never the targets (detached).
 
-    Shapes: features (N, D), prototypes (K, D), targets (N, K) with rows summing to 1. Returns a scalar.
+    Shapes: features (N, D), prototypes (K, D), targets (N, K): non-negative, each row a distribution over
+    the codewords summing to 1 (within 1e-3, 1e-2 for half precision), as :func:`codebook_targets` gives.
+    The transport plan itself (rows summing to 1/N, what :func:`ot_cost_loss` takes) is refused: it would
+    make the loss N times smaller. Returns a scalar.
     """
     check_embeddings("features", features)
     check_embeddings("prototypes", prototypes)
@@ -202,6 +258,7 @@ def prototype_loss(features: torch.Tensor, prototypes: torch.Tensor, targets: to
     if targets.shape != (features.shape[0], prototypes.shape[0]):
         raise ValueError(f"targets must be (N, K) = {(features.shape[0], prototypes.shape[0])}, got {tuple(targets.shape)}")
     check_positive("gamma", gamma)
+    _check_rows_sum_to_one(targets)
     with torch.autocast(device_type=features.device.type, enabled=False):
         z, c, t = _float(features, prototypes.to(features.device), targets.detach().to(features.device))
         logits = F.normalize(z, dim=-1) @ F.normalize(c, dim=-1).T / gamma
@@ -213,11 +270,24 @@ def ot_cost_loss(features: torch.Tensor, prototypes: torch.Tensor, plan: torch.T
                  metric: str = "cosine") -> torch.Tensor:
     r"""The transport cost :math:`\mathcal{L}_{ot} = \langle T, D(Z, C)\rangle` for a fixed plan T (detached):
     at the optimal plan this is the OT distance, and its gradient (envelope theorem) pulls each codeword
-    towards the features transported to it. Pass the plan :math:`T` itself (rows sum to 1/N), e.g.
-    ``codebook_targets(...) / N``. Shapes: features (N, D), prototypes (K, D), plan (N, K); a scalar.
+    towards the features transported to it. Pass the plan :math:`T` itself (non-negative, rows sum to
+    1/N, total mass 1 within 1e-3), e.g. ``codebook_targets(...) / N``; the targets themselves (rows
+    summing to 1) are refused, they would make the loss N times larger. Shapes: features (N, D),
+    prototypes (K, D), plan (N, K); a scalar.
     """
     check_tensor("plan", plan, ndim=2)
     cost = cost_matrix(features, prototypes, metric)
     if plan.shape != cost.shape:
         raise ValueError(f"plan must be (N, K) = {tuple(cost.shape)}, got {tuple(plan.shape)}")
+    p = plan.detach()
+    mass = p.sum(dtype=torch.float32) if p.dtype in (torch.float16, torch.bfloat16) else p.sum()
+    tol = 1e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    if not bool((p.amin() >= 0) & ((mass - 1).abs() <= tol)):
+        if bool(p.amin() < 0):
+            raise ValueError(f"plan has negative entries (smallest {float(p.amin()):.3g}); a transport plan is non-negative")
+        n = p.shape[0]
+        hint = (f"; the rows sum to 1: these are codebook targets, pass them divided by N ({n})"
+                if n > 1 and abs(float(mass) - n) <= tol * n else "; normalise it, e.g. plan / plan.sum()")
+        raise ValueError(f"plan must be a transport plan of total mass 1 (rows summing to 1/N), got total mass "
+                         f"{float(mass):.6g}{hint}")
     return (plan.detach().to(cost) * cost).sum()

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_choice, check_int, check_positive, check_probability, check_tensor
-from ..losses.codis import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
+from ..checks import (check_all_finite, check_choice, check_ids, check_int, check_mask, check_positive,
+                      check_probability, check_tensor)
+from ..losses.codis import (_check_generator, codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
                             sample_hard_negatives)
 from ..memory import MoCoQueue, MomentumEncoder
 
@@ -199,17 +200,53 @@ class Codis(nn.Module):
         self.queue_text.to(dev)
         return out
 
+    def _check_patches(self, patches, finite: bool = True) -> None:
+        cfg = self.cfg
+        check_tensor("patches", patches, ndim=3, finite=finite)
+        if patches.shape[2] != cfg.image_dim:
+            raise ValueError(f"patches must be (B, P, image_dim={cfg.image_dim}), got width {patches.shape[2]} "
+                             f"(shape {tuple(patches.shape)}); the model was built for {cfg.image_dim}-d patch features "
+                             "(CodisConfig.image_dim)")
+        if not 1 <= patches.shape[1] <= cfg.max_patches:
+            raise ValueError(f"patches has {patches.shape[1]} patches per image (shape {tuple(patches.shape)}); the model "
+                             f"takes 1..{cfg.max_patches} (CodisConfig.max_patches)")
+
+    def _check_tokens(self, tokens, token_mask, finite: bool = True) -> torch.Tensor:
+        cfg = self.cfg
+        check_tensor("tokens", tokens, ndim=3, finite=finite)
+        if tokens.shape[2] != cfg.text_dim:
+            raise ValueError(f"tokens must be (B, L, text_dim={cfg.text_dim}), got width {tokens.shape[2]} "
+                             f"(shape {tuple(tokens.shape)}); the model was built for {cfg.text_dim}-d token states "
+                             "(CodisConfig.text_dim)")
+        if not 1 <= tokens.shape[1] <= cfg.max_tokens:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions per caption (shape {tuple(tokens.shape)}); the model "
+                             f"takes 1..{cfg.max_tokens} (CodisConfig.max_tokens)")
+        if token_mask is None:
+            raise ValueError("token_mask is None: pass the (B, L) boolean mask of the caption tokens (True = a token, "
+                             "False = padding)")
+        if isinstance(token_mask, torch.Tensor) and token_mask.dtype.is_floating_point:
+            raise ValueError(f"token_mask must be boolean (True = a token, False = padding), got {token_mask.dtype}; "
+                             "use token_mask.bool()")
+        return check_mask("token_mask", token_mask, tuple(tokens.shape[:2]), device=tokens.device)
+
+    def _check_device(self, name: str, x: torch.Tensor) -> None:
+        dev = self.codebook.device
+        if x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move the batch with .to({str(dev)!r})")
+
     @torch.no_grad()
     def encode_images(self, patches: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Student image embeddings (N, embed_dim) of patch grids (N, P, image_dim)."""
-        check_tensor("patches", patches, ndim=3)
+        self._check_patches(patches)
+        check_int("batch_size", batch_size, minimum=1)
         return torch.cat([self.towers.image(patches[i:i + batch_size].to(self.codebook.device))[1]
                           for i in range(0, len(patches), batch_size)])
 
     @torch.no_grad()
     def encode_texts(self, tokens: torch.Tensor, token_mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Student caption embeddings (N, embed_dim) of token states (N, L, text_dim) with their mask."""
-        check_tensor("tokens", tokens, ndim=3)
+        token_mask = self._check_tokens(tokens, token_mask)
+        check_int("batch_size", batch_size, minimum=1)
         dev = self.codebook.device
         return torch.cat([self.towers.text(tokens[i:i + batch_size].to(dev), token_mask[i:i + batch_size].to(dev))[1]
                           for i in range(0, len(tokens), batch_size)])
@@ -239,15 +276,53 @@ class Codis(nn.Module):
         logits = self.fusion.mlm(fused[masked]).float()
         return F.cross_entropy(logits, mlm_labels[masked])
 
+    def _check_batch(self, patches, tokens, token_mask, ids, mlm_labels, generator):
+        """The inputs of :meth:`losses`, checked; returns (bool mask, LongTensor ids, LongTensor labels or None)."""
+        self._check_patches(patches, finite=False)
+        token_mask = self._check_tokens(tokens, token_mask, finite=False)
+        b = patches.shape[0]
+        if tokens.shape[0] != b:
+            raise ValueError(f"patches and tokens must hold one row per pair, got {b} images and {tokens.shape[0]} "
+                             "captions; pass the image of each caption (repeat it for several captions)")
+        self._check_device("patches", patches)
+        self._check_device("tokens", tokens)
+        ids = check_ids("ids", ids, b, device=patches.device)
+        if mlm_labels is not None:
+            check_tensor("mlm_labels", mlm_labels, ndim=2, floating=False, finite=False)
+            if mlm_labels.dtype.is_floating_point or mlm_labels.dtype.is_complex or mlm_labels.dtype == torch.bool:
+                raise ValueError(f"mlm_labels must hold integer class indices (-100 where not predicted), got "
+                                 f"{mlm_labels.dtype}; use mlm_labels.long()")
+            if tuple(mlm_labels.shape) != tuple(tokens.shape[:2]):
+                raise ValueError(f"mlm_labels must be (B, L) = {tuple(tokens.shape[:2])} like the tokens, got "
+                                 f"{tuple(mlm_labels.shape)}")
+            self._check_device("mlm_labels", mlm_labels)
+            if self.cfg.mlm:
+                top = int(mlm_labels.max())
+                if top >= self.cfg.vocab_size:
+                    raise ValueError(f"mlm_labels go up to {top} but the model predicts vocab_size={self.cfg.vocab_size} "
+                                     f"classes (0..{self.cfg.vocab_size - 1}); build it with CodisConfig(vocab_size="
+                                     f"{top + 1}) or mark tokens outside the vocabulary with -100")
+            mlm_labels = mlm_labels.long()
+        _check_generator(generator)
+        check_all_finite(("patches", patches), ("tokens", tokens))
+        return token_mask, ids, mlm_labels
+
     def losses(self, patches: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, ids: torch.Tensor,
                mlm_labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
         """The switched-on terms for one batch of B pairs (image patches (B, P, D_v), caption tokens
         (B, L, D_t) with mask (B, L), item ids (B,), MLM labels (B, L) with -100 where not predicted).
 
+        Every input is checked first (the policy of :mod:`mmalign.checks`): widths ``image_dim`` /
+        ``text_dim``, at most ``max_patches`` / ``max_tokens`` positions, one row per pair in each, a
+        boolean (or 0/1 integer) mask of the tokens' shape, integer ids, integer MLM labels below
+        ``vocab_size`` (-100, or any negative value, where not predicted), tensors on the model's device,
+        patches and tokens finite (the scan that ``mmalign.checks.disabled()`` switches off).
+
         Returns ``{term: scalar}`` with keys among ``itc`` (i2t + t2i)/2, ``intra`` (i2i + t2t)/2,
         ``itm``, ``mlm``, ``code`` (L_ot + L_t2p + L_i2p) and ``total`` (their sum); ``itm_acc`` too.
         """
         cfg = self.cfg
+        token_mask, ids, mlm_labels = self._check_batch(patches, tokens, token_mask, ids, mlm_labels, generator)
         b = len(ids)
         if b > cfg.queue_size:
             raise ValueError(
@@ -296,4 +371,7 @@ class Codis(nn.Module):
     @torch.no_grad()
     def codeword_assignments(self, emb: torch.Tensor) -> torch.Tensor:
         """The codeword each embedding (..., embed_dim) is closest to (cosine), (...) LongTensor."""
+        check_tensor("emb", emb, ndim=None)
+        if emb.dim() == 0 or emb.shape[-1] != self.cfg.embed_dim:
+            raise ValueError(f"emb must be (..., embed_dim={self.cfg.embed_dim}), got shape {tuple(emb.shape)}")
         return (F.normalize(emb, dim=-1) @ F.normalize(self.codebook, dim=-1).T).argmax(-1)
