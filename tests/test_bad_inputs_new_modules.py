@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmalign.data.pairs import MalformedRowError, load_glue_pairs, load_mrpc
 from mmalign.losses import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
                             sample_hard_negatives)
 from mmalign.models.codis import Codis, CodisConfig
@@ -232,6 +233,67 @@ def test_codis_losses_take_a_0_1_integer_mask_and_int32_labels_as_the_bool_mask(
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+
+# ------------------------------------------------------------------------ data.pairs
+MRPC_TEXT = ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+             "1\t1\t2\tThe caf\u00e9 opened .\tA caf\u00e9 opened today .\n"
+             "0\t3\t4\tIt rained .\tStocks fell .\n")
+
+
+def _zip_of(path, inner_name, text):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(inner_name, text)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("latin-1", r"MRPC.tsv, line 2: not UTF-8 text \(byte 0xe9 at offset \d+\); GLUE's files are UTF-8.*iconv -f latin1"),
+    ("latin-1 after a BOM", r"MRPC.tsv, line 2: not UTF-8 text \(byte 0xe9 at offset \d+\)"),
+    ("binary garbage", r"MRPC.tsv, line \d+: (a NUL byte at offset \d+: this is a binary file|not UTF-8 text)"),
+    ("glue zip", r"MRPC.tsv is a zip archive, not a TSV file; extract it first"),
+    ("gzip", r"MRPC.tsv is gzip-compressed"),
+    ("utf-16", r"MRPC.tsv is UTF-16 text"),
+    ("directory", r"MRPC.tsv is a directory"),
+])
+def test_glue_loader_names_the_file_of_a_non_text_input(tmp_path, kind, match):
+    import gzip
+
+    path = tmp_path / "MRPC.tsv"
+    if kind == "latin-1":
+        path.write_bytes(MRPC_TEXT.encode("latin-1"))
+    elif kind == "latin-1 after a BOM":
+        path.write_bytes(b"\xef\xbb\xbf" + MRPC_TEXT.encode("latin-1"))
+    elif kind == "binary garbage":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "glue zip":
+        _zip_of(path, "MRPC/dev.tsv", MRPC_TEXT)
+    elif kind == "gzip":
+        path.write_bytes(gzip.compress(MRPC_TEXT.encode()))
+    elif kind == "utf-16":
+        path.write_text(MRPC_TEXT, encoding="utf-16")
+    else:
+        path.mkdir()
+    with pytest.raises(MalformedRowError, match=match):
+        load_mrpc(path)
+    with pytest.raises(ValueError, match=match):  # MalformedRowError is a ValueError
+        load_glue_pairs(path)
+
+
+def test_latin1_error_points_at_the_byte(tmp_path):
+    path = tmp_path / "MRPC.tsv"
+    data = b"\xef\xbb\xbf" + MRPC_TEXT.encode("latin-1")
+    path.write_bytes(data)
+    with pytest.raises(MalformedRowError) as e:
+        load_mrpc(path)
+    offset = int(str(e.value).split("at offset ")[1].split(")")[0])
+    assert data[offset] == 0xE9 and data.index(b"\xe9") == offset
+
+
+def test_utf8_file_still_reads_exactly(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text(MRPC_TEXT, encoding="utf-8")
+    pairs = load_mrpc(path)
+    assert pairs.a == ["The caf\u00e9 opened .", "It rained ."] and pairs.label.tolist() == [1, 0]
 
 
 # ------------------------------------------------------------------------ every case above

@@ -22,7 +22,9 @@ QQP    id qid1 qid2 question1 question2 is_duplicate (test.tsv: id question1    
 =====  ==========================================================================  ================
 
 A row with the wrong number of fields, or a label/score that does not parse, raises
-:class:`MalformedRowError` naming the file and the line. The distributed QQP ``train.tsv`` holds a few
+:class:`MalformedRowError` naming the file and the line; so does a file that is not UTF-8 text (a
+Latin-1 file, binary data, the GLUE ``.zip`` or a gzip archive itself), naming the file, the line and
+the fix. The distributed QQP ``train.tsv`` holds a few
 such rows (a question with an embedded newline); GLUE's own reader skips them: pass ``errors="skip"``
 to do the same (the number skipped is kept in ``SentencePairs.skipped``).
 """
@@ -30,6 +32,7 @@ to do the same (the number skipped is kept in ``SentencePairs.skipped``).
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +95,36 @@ def _task_of(header: tuple, path: Path) -> str:
         + ". Point the loader at the TSV as distributed by GLUE (train.tsv, dev.tsv or test.tsv)")
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); anything else raises :class:`MalformedRowError` naming it."""
+    if path.is_dir():
+        raise MalformedRowError(f"{path} is a directory; pass the train.tsv, dev.tsv or test.tsv inside it")
+    data = path.read_bytes()
+    fix = "pass the train.tsv, dev.tsv or test.tsv of the task as distributed by GLUE"
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise MalformedRowError(f"{path} is a zip archive, not a TSV file; extract it first (e.g. unzip "
+                                f"{path.name}) and {fix}")
+    if data[:2] == b"\x1f\x8b":
+        raise MalformedRowError(f"{path} is gzip-compressed, not a TSV file; decompress it first (gunzip) and {fix}")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise MalformedRowError(f"{path} is UTF-16 text; GLUE's files are UTF-8: re-encode it, e.g. "
+                                f"iconv -f utf-16 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise MalformedRowError(f"{path}, line {line}: a NUL byte at offset {nul}: this is a "
+                                f"binary file, not a tab-separated text file; {fix}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise MalformedRowError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[start]:02x} at offset {start}); GLUE's files are "
+            f"UTF-8. A Latin-1 / cp1252 file can be re-encoded, e.g. iconv -f latin1 -t utf-8 {path.name} > "
+            f"{path.stem}.utf8{path.suffix}; a binary file is not a TSV: {fix}") from None
+
+
 def load_glue_pairs(path: str | Path, task: str | None = None, errors: str = "raise") -> SentencePairs:
     """Read a GLUE STS-B / MRPC / QQP TSV as distributed; the task comes from the header.
 
@@ -109,7 +142,7 @@ def load_glue_pairs(path: str | Path, task: str | None = None, errors: str = "ra
                                 "download_glue_data.py) and pass the path of its train.tsv / dev.tsv / test.tsv")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     a, b, target, skipped = [], [], [], 0
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             header = tuple(next(rows))
