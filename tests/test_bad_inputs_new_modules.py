@@ -13,6 +13,7 @@ from mmalign.data.pairs import MalformedRowError, load_glue_pairs, load_mrpc
 from mmalign.losses import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
                             sample_hard_negatives)
 from mmalign.models.codis import Codis, CodisConfig
+from mmalign.models.temperature import LearnableTemperature
 from mmalign.ot import cost_matrix, entropy, ipot, marginal_error, sinkhorn, uniform
 
 NAN, INF = float("nan"), float("inf")
@@ -294,6 +295,68 @@ def test_utf8_file_still_reads_exactly(tmp_path):
     path.write_text(MRPC_TEXT, encoding="utf-8")
     pairs = load_mrpc(path)
     assert pairs.a == ["The caf\u00e9 opened .", "It rained ."] and pairs.label.tolist() == [1, 0]
+
+
+# ------------------------------------------------------------------------ models.temperature
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_temperature_comes_back_off_its_bound(opt_cls):
+    """Pushed against tau >= 0.25 for 100 steps, then asked for tau = 0.5: it leaves the bound. (Before,
+    Adam carried the raw parameter past the clamp, where the gradient is zero, and tau stayed at 0.25.)"""
+    a = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    temp = LearnableTemperature(0.5, max_scale=4.0)  # tau in [0.25, 1]
+    opt = opt_cls(temp.parameters(), lr=0.05, **({"momentum": 0.9} if opt_cls is torch.optim.SGD else {}))
+    from mmalign.losses import mms_loss
+
+    for _ in range(100):  # aligned pairs: a lower temperature always lowers the loss
+        opt.zero_grad()
+        tau = temp()  # a step may have carried the raw parameter past the bound: the call projects it back
+        assert temp.log_scale.item() <= math.log(4.0) + 1e-6
+        mms_loss(a, a, temperature=tau, margin=0.0).backward()
+        opt.step()
+    assert temp().item() == pytest.approx(0.25, abs=1e-6)
+    assert temp.log_scale.item() == pytest.approx(math.log(4.0), abs=1e-7)
+    for _ in range(200):  # now the loss wants tau = 0.5 (Adam's momentum first has to turn: ~25 steps)
+        opt.zero_grad()
+        ((temp() - 0.5) ** 2).backward()
+        assert float(temp.log_scale.grad) != 0.0
+        opt.step()
+    assert temp().item() == pytest.approx(0.5, abs=0.01), "the temperature stayed trapped at its bound"
+
+
+def test_temperature_two_calls_in_one_graph_and_the_bound_gradient():
+    temp = LearnableTemperature(0.25, max_scale=4.0)  # starts exactly at the bound
+    with torch.no_grad():
+        temp.log_scale.add_(1.0)  # an optimizer step past the bound
+    tau1 = temp()  # projected back: tau = 0.25
+    tau2 = temp()  # a second call (another loss of the same step) must not break the first graph
+    (tau1 + 2 * tau2).backward()
+    assert float(tau1.detach()) == pytest.approx(0.25)
+    # d(3 tau)/ds = -3 tau at the bound: the true gradient, so a step can leave the bound
+    assert float(temp.log_scale.grad) == pytest.approx(-3 * 0.25)
+
+
+def test_temperature_registered_in_a_model_is_checkpointed():
+    model = torch.nn.Module()
+    model.temperature = LearnableTemperature(0.1)
+    assert "temperature.log_scale" in model.state_dict()
+    assert any(p is model.temperature.log_scale for p in model.parameters())
+    with torch.no_grad():
+        model.temperature.log_scale.fill_(math.log(1 / 0.2))
+    fresh = torch.nn.Module()
+    fresh.temperature = LearnableTemperature(0.1)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.temperature().item() == pytest.approx(0.2)
+
+
+def test_temperature_refuses_a_diverged_state():
+    temp = LearnableTemperature(0.1)
+    with pytest.raises(ValueError, match=r"^log_scale in the state_dict is nan, not a finite number"):
+        temp.load_state_dict({"log_scale": torch.tensor(NAN)})
+    model = torch.nn.Module()
+    model.temperature = LearnableTemperature(0.1)
+    with pytest.raises(ValueError, match=r"^temperature.log_scale in the state_dict is inf"):
+        model.load_state_dict({"temperature.log_scale": torch.tensor(INF)})
+    assert temp().item() == pytest.approx(0.1)
 
 
 # ------------------------------------------------------------------------ every case above
