@@ -29,7 +29,10 @@ def _entry(rank, fn, port, tmp, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    assert dist.init("gloo")
+    # rendezvous through a file, not the port: a port picked by free_port() can be taken by another test run
+    # on the same machine before rank 0 binds it, and then two runs' processes would meet
+    td.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous-{port}", rank=rank, world_size=WORLD)
+    assert dist.init("gloo")  # already initialised: says so
     try:
         fn(rank, tmp, *args)
     finally:
@@ -71,7 +74,9 @@ def _gathered_one(rank, with_ids, detach_others):
         loss = dist.gathered_info_nce(zi, zt, temperature=0.1, ids=ids[sl] if with_ids else None)
     loss.backward()
     emb_grad = zi.grad.clone()
-    dist.average_gradients(model.parameters())
+    for p in model.parameters():  # average over ranks by hand (what DDP does inside fit)
+        td.all_reduce(p.grad)
+        p.grad /= WORLD
     return {"loss": loss.detach(), "emb_grad": emb_grad, "grads": {k: p.grad for k, p in model.named_parameters()}}
 
 

@@ -16,7 +16,7 @@ function. Its forward concatenates every rank's slice in rank order (this rank's
 caller's own values, and its gradient flows back to the caller's graph). Its backward receives the gradient of
 the whole gathered tensor on every rank, **sums it across ranks** (an all-reduce) and returns this
 rank's slice. Every rank computes the same global loss L, so the summed gradient is W x dL/dz_local;
-averaging parameter gradients across the W ranks (what DDP and :func:`mmalign.train.fit` do) then
+averaging parameter gradients across the W ranks (what DDP does, and so :func:`mmalign.train.fit`) then
 gives exactly the single-process gradient dL/dtheta. Detaching the other ranks' slices instead and
 keeping only the local path gives dL/dz_local, W times too small after averaging: a classic bug that
 ``tests/test_dist.py`` would catch.
@@ -44,8 +44,8 @@ from .checks import check_embeddings, check_positive
 from .losses import info_nce
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "init", "cleanup", "free_port", "all_gather",
-           "all_gather_ids", "rank_offset_labels", "gathered_info_nce", "all_reduce_mean", "average_gradients",
-           "broadcast_parameters", "barrier"]
+           "all_gather_ids", "rank_offset_labels", "gathered_info_nce", "all_reduce_mean", "broadcast_object",
+           "barrier"]
 
 
 def is_distributed() -> bool:
@@ -230,26 +230,11 @@ def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor:
     return t / world_size()
 
 
-def average_gradients(params) -> None:
-    """Average ``.grad`` of ``params`` over ranks in place (what DDP does, one flat all-reduce)."""
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (identity in one process): metrics of an evaluation
+    that ran on rank 0 only."""
     if not is_distributed():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    td.all_reduce(flat, op=td.ReduceOp.SUM)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def broadcast_parameters(module: torch.nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (so all ranks start from the same weights)."""
-    if not is_distributed():
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            td.broadcast(t.data, src=0)
+        return obj
+    box = [obj if rank() == src else None]
+    td.broadcast_object_list(box, src=src)
+    return box[0]

@@ -4,7 +4,7 @@ Every process loads the cached features of the profile (``MMALIGN_PROFILE``), th
 
 1. trains the chapter-2 dual encoder twice with the same global batch, seed and budget through
    :func:`mmalign.recipes.train_dual_encoder` (so through :func:`mmalign.train.fit`, which shards the
-   batches and averages the gradients): once with **local** negatives (each process's InfoNCE sees
+   batches and averages the gradients through DistributedDataParallel): once with **local** negatives (each process's InfoNCE sees
    only its own B/W pairs) and once with **gathered** negatives (:func:`mmalign.dist.gathered_info_nce`);
 2. times communication against compute for a few local batch sizes: the all-gather of the
    embeddings (forward and its backward all-reduce), the all-reduce of the heads' gradients, and the
@@ -76,8 +76,10 @@ def comm_vs_compute(model, d_img: int, d_txt: int, sizes, repeats: int = 10) -> 
         def gather():
             dist.all_gather(emb).sum().backward()  # forward all-gather + backward all-reduce
 
-        def reduce_grads():
-            dist.average_gradients(params)
+        def reduce_grads():  # what DDP's buckets carry: every gradient, summed over ranks (one flat buffer)
+            flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+            if dist.is_distributed():
+                torch.distributed.all_reduce(flat)
 
         compute()
         out[str(n)] = {"compute (forward + backward)": _median_ms(compute, repeats),
