@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from mmalign.data.pairs import MalformedRowError, load_glue_pairs, load_mrpc
+from mmalign.evaluation import (LinearClassifier, choose_threshold, pair_classification, prompt_embeddings, spearman,
+                                train_classifier)
 from mmalign.losses import (codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
                             sample_hard_negatives)
 from mmalign.models.codis import Codis, CodisConfig
@@ -359,8 +361,71 @@ def test_temperature_refuses_a_diverged_state():
     assert temp().item() == pytest.approx(0.1)
 
 
+# ------------------------------------------------------------------------ evaluation
+SCORES = torch.tensor([0.91, 0.35, 0.78, 0.12])
+LABELS01 = torch.tensor([1, 0, 1, 0])
+FEATS = torch.randn(8, 3, generator=torch.Generator().manual_seed(6))
+Y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+
+
+def encoder_returning(rows):
+    return lambda prompts: torch.randn(rows, 4, generator=torch.Generator().manual_seed(0))
+
+
+def probe(train, test):
+    return train_classifier(LinearClassifier(FEATS, 2), train, test, epochs=1, progress=False)
+
+
+EVALUATION_CASES = {
+    "spearman nan score": (lambda: spearman(torch.tensor([0.1, NAN, 0.3, 0.2]), torch.tensor([1.0, 2.0, 3.0, 4.0])), ValueError,
+                           r"^x holds NaN or inf values \(1 NaN, 0 inf, of 4\)"),
+    "spearman inf grade": (lambda: spearman([0.1, 0.2, 0.3], [1.0, INF, 3.0]), ValueError, r"^y holds NaN or inf values \(0 NaN, 1 inf"),
+    "pair_classification cosine scores": (lambda: pair_classification(SCORES, LABELS01), ValueError,
+                                          r"^predicted must hold decisions \(bool or 0/1\), got torch.float32 values such as "
+                                          r"\[0.91.*threshold them first"),
+    "pair_classification nan decisions": (lambda: pair_classification(torch.tensor([1.0, NAN, 0.0, 1.0]), LABELS01), ValueError,
+                                          r"^predicted must hold decisions"),
+    "pair_classification labels None": (lambda: pair_classification(SCORES >= 0.5, None), ValueError, r"^labels is None: this split has no labels"),
+    "choose_threshold labels None": (lambda: choose_threshold(SCORES, None), ValueError,
+                                     r"^labels is None: this split has no labels \(GLUE's test.tsv files have none\)"),
+    "prompt_embeddings too few rows": (lambda: prompt_embeddings(encoder_returning(2), ["cat", "dog"], ["a {}.", "the {}."]),
+                                       ValueError, r"^encode_texts returned shape \(2, 4\) for 4 prompts \(2 classes x 2 templates\)"),
+    "prompt_embeddings too many rows": (lambda: prompt_embeddings(encoder_returning(8), ["cat", "dog"], ["a {}.", "the {}."]),
+                                        ValueError, r"^encode_texts returned shape \(8, 4\) for 4 prompts"),
+    "prompt_embeddings nan rows": (lambda: prompt_embeddings(lambda p: torch.full((len(p), 4), NAN), ["cat"], ["a {}."]),
+                                   ValueError, r"^encode_texts\(prompts\) holds NaN"),
+    "prompt_embeddings list output": (lambda: prompt_embeddings(lambda p: [[0.0] * 4] * len(p), ["cat"], ["a {}."]), TypeError,
+                                      r"^encode_texts must return a torch.Tensor"),
+    "prompt_embeddings one string": (lambda: prompt_embeddings(encoder_returning(3), "cat", ["a {}."]), TypeError,
+                                     r"^class_names must be a sequence of strings, got one string 'cat'"),
+    "train_classifier empty train": (lambda: probe((FEATS[:0], Y[:0]), (FEATS, Y)), ValueError, r"^the train split is empty"),
+    "train_classifier empty test": (lambda: probe((FEATS, Y), (FEATS[:0], Y[:0])), ValueError, r"^the test split is empty"),
+    "train_classifier label -1": (lambda: probe((FEATS, Y.masked_fill(Y == 1, -1)), (FEATS, Y)), ValueError,
+                                  r"^train labels must be class indices >= 0, got -1"),
+    "train_classifier test label -1": (lambda: probe((FEATS, Y), (FEATS, Y - 1)), ValueError, r"^test labels must be class indices >= 0"),
+    "train_classifier float labels": (lambda: probe((FEATS, Y.float()), (FEATS, Y)), ValueError, r"^train labels must hold integer ids"),
+    "train_classifier rows differ": (lambda: probe((FEATS[:5], Y), (FEATS, Y)), ValueError,
+                                     r"^train input 0 must hold one row per label \(8\), got \(5, 3\)"),
+    "train_classifier no inputs": (lambda: probe((Y,), (FEATS, Y)), TypeError, r"^train must be a tuple \(\*inputs, labels\)"),
+}
+
+
+def test_pair_classification_still_takes_float_decisions_exactly():
+    want = pair_classification(SCORES >= 0.5, LABELS01)
+    assert pair_classification((SCORES >= 0.5).double(), LABELS01) == want
+    assert want["similarity"]["accuracy"] == 100.0
+
+
+def test_prompt_embeddings_with_the_right_row_count():
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    out = prompt_embeddings(lambda p: z[: len(p)], ["cat", "dog"], ["a {}.", "the {}."])
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    want = torch.nn.functional.normalize(torch.stack([zn[:2].mean(0), zn[2:].mean(0)]), dim=-1)
+    assert torch.allclose(out, want, atol=1e-6)
+
+
 # ------------------------------------------------------------------------ every case above
-CASES = {**OT_CASES, **CODIS_LOSS_CASES, **CODIS_MODEL_CASES}
+CASES = {**OT_CASES, **CODIS_LOSS_CASES, **CODIS_MODEL_CASES, **EVALUATION_CASES}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

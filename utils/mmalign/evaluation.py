@@ -53,6 +53,9 @@ def choose_threshold(scores, labels) -> float:
     Candidates are the midpoints between consecutive distinct scores and one value below / above all
     of them; among equally accurate thresholds the smallest is returned.
     """
+    if labels is None:
+        raise ValueError("labels is None: this split has no labels (GLUE's test.tsv files have none); choose the "
+                         "threshold on a labelled split, e.g. the dev split's scores and labels")
     scores = torch.as_tensor(scores)
     if scores.numel() == 0:
         raise ValueError("cannot choose a threshold on an empty split: pass the validation pairs' scores and labels")
@@ -71,10 +74,21 @@ def pair_classification(predicted, labels) -> dict[str, dict[str, float]]:
 
     Returns ``{"dissimilarity": {"accuracy", "precision", "recall", "F1"}, "similarity": {...}}``
     (class 0 and class 1; accuracy is the same in both, as in the seed). A class never predicted has
-    precision 0 (as scikit-learn's ``zero_division=0``).
+    precision 0 (as scikit-learn's ``zero_division=0``). ``predicted`` holds decisions (bool or 0/1), not
+    scores: floating values other than 0 and 1 raise instead of being truncated.
     """
+    if labels is None:
+        raise ValueError("labels is None: this split has no labels (GLUE's test.tsv files have none); score the "
+                         "predictions on a labelled split")
     labels = _labels("labels", labels, len(torch.as_tensor(labels)))
-    pred = _labels("predicted", torch.as_tensor(predicted).long(), labels.shape[0])
+    predicted = torch.as_tensor(predicted)
+    if (predicted.dtype.is_floating_point or predicted.dtype.is_complex) and not bool(
+            ((predicted == 0) | (predicted == 1)).all()):
+        bad = predicted[(predicted != 0) & (predicted != 1)].flatten()[:3].tolist()
+        raise ValueError(f"predicted must hold decisions (bool or 0/1), got {predicted.dtype} values such as {bad}: "
+                         "these look like scores; threshold them first, e.g. scores >= choose_threshold(val_scores, "
+                         "val_labels)")
+    pred = _labels("predicted", predicted.long(), labels.shape[0])
     if labels.numel() == 0:
         raise ValueError("no pairs to score")
     acc = 100 * float((pred == labels).double().mean())
@@ -103,10 +117,18 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(x, y) -> float:
-    r"""Spearman's rank correlation :math:`\rho`: Pearson correlation of the ranks (ties: average ranks)."""
+    r"""Spearman's rank correlation :math:`\rho`: Pearson correlation of the ranks (ties: average ranks).
+
+    Every value must be finite (a NaN has no rank: it raises, always, since the check costs nothing
+    beside the sort)."""
     x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
     if x.shape != y.shape or x.numel() < 2:
         raise ValueError(f"x and y need the same length >= 2, got {x.numel()} and {y.numel()}")
+    for name, v in (("x", x), ("y", y)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} holds NaN or inf values ({int(torch.isnan(v).sum())} NaN, "
+                             f"{int(torch.isinf(v).sum())} inf, of {v.numel()}); spearman needs a finite value for "
+                             "every pair: find where they come from, or drop those pairs from both x and y")
     rx, ry = _ranks(x), _ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = torch.sqrt((rx * rx).sum() * (ry * ry).sum())
@@ -148,13 +170,23 @@ def prompt_embeddings(encode_texts: Callable[[list], torch.Tensor], class_names:
 
     ``encode_texts(list of str) -> (n, D)``. Returns (C, D).
     """
+    for name, v in (("class_names", class_names), ("templates", templates)):
+        if isinstance(v, str):
+            raise TypeError(f"{name} must be a sequence of strings, got one string {v!r}; pass [{v!r}]")
     if not class_names or not templates:
         raise ValueError("pass at least one class name and one template")
     for t in templates:
         if "{}" not in t:
             raise ValueError(f"template {t!r} has no '{{}}' where the class name goes")
     prompts = [t.format(c) for c in class_names for t in templates]
-    z = F.normalize(encode_texts(prompts).float(), dim=-1).view(len(class_names), len(templates), -1)
+    out = encode_texts(prompts)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"encode_texts must return a torch.Tensor (one row per prompt), got {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != len(prompts):
+        raise ValueError(f"encode_texts returned shape {tuple(out.shape)} for {len(prompts)} prompts ({len(class_names)} "
+                         f"classes x {len(templates)} templates); it must return one row per prompt, ({len(prompts)}, D)")
+    check_tensor("encode_texts(prompts)", out, ndim=2)
+    z = F.normalize(out.float(), dim=-1).view(len(class_names), len(templates), -1)
     return F.normalize(z.mean(1), dim=-1)
 
 
@@ -205,11 +237,26 @@ def train_classifier(model: nn.Module, train: tuple, test: tuple, *, epochs: int
     """
     epochs = check_int("epochs", epochs, minimum=1)
     check_positive("lr", lr)
+    for name, split in (("train", train), ("test", test)):
+        if not isinstance(split, (tuple, list)) or len(split) < 2:
+            raise TypeError(f"{name} must be a tuple (*inputs, labels) with at least one input, got "
+                            f"{type(split).__name__}{f' of {len(split)}' if isinstance(split, (tuple, list)) else ''}")
+        *inputs, labels = split
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"{name} labels (the last item of {name}) must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.numel() == 0:
+            raise ValueError(f"the {name} split is empty (no labels): pass at least one example")
+        for i, x in enumerate(inputs):
+            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != labels.shape[0]:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} input {i} must hold one row per label ({labels.shape[0]}), got {got}")
+        check_ids(f"{name} labels", labels, labels.shape[0])
+        if int(labels.min()) < 0:
+            raise ValueError(f"{name} labels must be class indices >= 0, got {int(labels.min())} (-1 often marks an "
+                             "unlabelled example: drop those rows before training)")
     *train_x, train_y = train
     *test_x, test_y = test
     n_classes = int(max(int(train_y.max()), int(test_y.max())) + 1)
-    check_ids("train labels", train_y, train_x[0].shape[0])
-    check_ids("test labels", test_y, test_x[0].shape[0])
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
