@@ -40,11 +40,15 @@ import torch
 import torch.distributed as td
 
 from ._deprecation import keyword_settings
-from .checks import check_embeddings, check_positive
-from .losses import info_nce
+from .checks import check_embeddings, check_ids, check_positive
+from .losses import info_nce, siglip_loss
+from .losses._checks import check_pair, check_temperature, mined_negative_masks, positive_mask
+from .losses.info_nce import _multi_positive_ce
+from .losses.siglip import _check_bias, _siglip_logits_loss
+from .retrieval import _similarity
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "init", "cleanup", "free_port", "all_gather",
-           "all_gather_ids", "rank_offset_labels", "gathered_info_nce", "all_reduce_mean", "broadcast_object",
+           "all_gather_ids", "rank_offset_labels", "gathered_info_nce", "gathered_siglip_loss", "all_reduce_mean", "broadcast_object",
            "barrier"]
 
 
@@ -110,14 +114,33 @@ def barrier() -> None:
         td.barrier()
 
 
+_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128]
+_MAX_DIMS = 8
+
+
 def _check_same_size(x: torch.Tensor) -> None:
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
-    td.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"all_gather needs the same number of rows on every rank, got {sizes} per rank; "
-                         "shard the batch evenly (fit does: the global batch size must be divisible by the "
-                         "number of processes)")
+    """Every rank passes the same shape and dtype (one small all-gather of shape and dtype code), or
+    every rank raises a ValueError that lists what each rank passed (instead of a hang or an abort
+    inside the collective when the widths or dtypes differ)."""
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"all_gather takes tensors of at most {_MAX_DIMS} dimensions, got shape {tuple(x.shape)}")
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    device = x.device if td.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+    mine = torch.tensor([x.dim(), code, *x.shape, *[0] * (_MAX_DIMS - x.dim())], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world_size())]
+    td.all_gather(parts, mine)
+    seen = [(tuple(int(v) for v in t[2:2 + int(t[0])]), int(t[1])) for t in parts]
+    if len({shape for shape, _ in seen}) > 1 and len({shape[1:] for shape, _ in seen}) == 1:
+        raise ValueError(f"all_gather needs the same number of rows on every rank, got {[s_[0] for s_, _ in seen]} "
+                         "per rank; shard the batch evenly (fit does: the global batch size must be divisible by "
+                         "the number of processes)")
+    if len(set(seen)) > 1:
+        names = [str(_DTYPES[c]).replace("torch.", "") if c < len(_DTYPES) else "other" for _, c in seen]
+        raise ValueError("all_gather needs the same shape and dtype on every rank, got "
+                         + ", ".join(f"rank {r}: {shape} {name}" for r, ((shape, _), name) in enumerate(zip(seen, names)))
+                         + "; every process must build its tensor the same way (same model widths, same dtype, "
+                         "same autocast setting)")
 
 
 class _AllGather(torch.autograd.Function):
@@ -175,7 +198,7 @@ def rank_offset_labels(n_local: int, device=None) -> torch.Tensor:
 
 @keyword_settings(old_order=("temperature", "ids", "ids_b", "normalize"), id_pairs={("ids", "ids_b"): "ids"})
 def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.07, ids=None,
-                      normalize: bool = True) -> torch.Tensor:
+                      normalize: bool = True, negatives=None, local_loss: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE of the whole (gathered) batch, computed on every rank: the single-process
     :func:`mmalign.losses.info_nce` of the concatenation of every rank's ``a`` and ``b``.
 
@@ -186,26 +209,52 @@ def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 
             ids of b)``. Gathered across ranks, so items with equal ids on different ranks are positives.
             Without ids, the rank offset makes the global diagonal the positives.
         normalize: L2-normalise a and b first (cosine similarity).
+        negatives: optional output of a miner run on the gathered batch (e.g. ``hardest_negatives`` of
+            the similarity of the gathered embeddings, the same on every rank): ``(neg_for_a (W*n, k),
+            neg_for_b (W*n, k'))``, global indices, -1 for none; each row's softmax then runs over its
+            positives and its mined negatives (as :func:`mmalign.losses.info_nce`'s ``negatives``).
+        local_loss: compute only this rank's rows: its n rows of ``a`` against the W*n gathered columns
+            of ``b``, and its rows of ``b`` against the gathered ``a`` (open_clip's ``local_loss``): the
+            logits take n x W*n memory instead of W*n x W*n. The value returned is then this rank's part
+            of the global loss times W (the mean over ranks is the global loss) and the gradients,
+            averaged over ranks, are the global form's.
     Returns:
-        The scalar global loss, equal on every rank; its gradient, averaged over ranks by the training
-        loop, equals the single-process gradient.
+        The scalar loss: the global loss, equal on every rank (``local_loss=False``), or W times this
+        rank's part of it (``local_loss=True``). Its gradient, averaged over ranks by the training loop
+        (DDP), equals the single-process gradient.
+
+    Example (mining on the gathered batch)::
+
+        ga, gb = dist.all_gather(zi).detach(), dist.all_gather(zt).detach()
+        neg = hardest_negatives(similarity(ga, gb), ids=dist.all_gather_ids(ids), k=8)
+        loss = dist.gathered_info_nce(zi, zt, temperature=0.07, ids=ids, negatives=neg, local_loss=True)
     """
     a = check_embeddings("a", a)
     b = check_embeddings("b", b)
     check_positive("temperature", temperature)
-    if isinstance(ids, (tuple, list)) and len(ids) == 2 and not all(isinstance(i, int) for i in ids):
-        ids, ids_b = ids
-        if ids is None or ids_b is None:
-            raise ValueError("ids=(ids of a, ids of b) needs both sides; pass one tensor when a and b share ids")
-    else:
-        ids_b = None
-    if ids is None:
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"without ids a and b need the same number of rows, got {a.shape[0]} and {b.shape[0]}")
-        ids = ids_b = rank_offset_labels(a.shape[0], a.device)
-    ids_b = ids if ids_b is None else ids_b
+    ids, ids_b = _split_ids(ids, a, b)
+    if not isinstance(local_loss, bool):
+        raise ValueError(f"local_loss must be True or False, got {local_loss!r}")
     if not is_distributed():
-        return info_nce(a, b, temperature=temperature, ids=(ids, ids_b), normalize=normalize)
+        return info_nce(a, b, temperature=temperature, ids=(ids, ids_b), normalize=normalize, negatives=negatives)
+    ga, gb, gi, gib = _gather_pair(a, b, ids, ids_b)
+    if not local_loss:
+        return info_nce(ga, gb, temperature=temperature, ids=(gi, gib), normalize=normalize, negatives=negatives)
+    n_a, n_b, r = a.shape[0], b.shape[0], rank()
+    rows_a, rows_b = slice(r * n_a, (r + 1) * n_a), slice(r * n_b, (r + 1) * n_b)
+    pos = positive_mask((gi, gib), ga.shape[0], gb.shape[0], a.device)  # (W n_a, W n_b), global
+    logits_ab = _similarity(a, gb, normalize) / temperature  # this rank's rows only: (n_a, W n_b)
+    logits_ba = _similarity(b, ga, normalize) / temperature  # (n_b, W n_a)
+    pos_ab, pos_ba = pos[rows_a], pos.T[rows_b]
+    if negatives is not None:
+        keep_ab, keep_ba = mined_negative_masks(negatives, ga.shape[0], gb.shape[0], a.device)
+        logits_ab = logits_ab.masked_fill(~(pos_ab | keep_ab[rows_a]), float("-inf"))
+        logits_ba = logits_ba.masked_fill(~(pos_ba | keep_ba[rows_b]), float("-inf"))
+    return 0.5 * (_multi_positive_ce(logits_ab, pos_ab) + _multi_positive_ce(logits_ba, pos_ba))
+
+
+def _gather_pair(a, b, ids, ids_b):
+    """Gathered (a, b, ids of a, ids of b), with gradient through a and b."""
     if a.shape[0] == b.shape[0] and a.shape[1] == b.shape[1] and a.dtype == b.dtype:
         # one collective for both views (and one for both id vectors): [a | b] side by side
         ga, gb = all_gather(torch.cat([a, b], 1)).split(a.shape[1], dim=1)
@@ -215,7 +264,59 @@ def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 
         ga, gb = all_gather(a), all_gather(b)
         gi, gib = all_gather_ids(torch.as_tensor(ids, device=a.device)), all_gather_ids(
             torch.as_tensor(ids_b, device=b.device))
-    return info_nce(ga, gb, temperature=temperature, ids=(gi, gib), normalize=normalize)
+    return ga, gb, gi, gib
+
+
+def _split_ids(ids, a, b):
+    """(ids of a, ids of b) from one tensor, a pair, or None (the rank offset: the global diagonal)."""
+    if isinstance(ids, (tuple, list)) and len(ids) == 2 and not all(isinstance(i, int) for i in ids):
+        ids, ids_b = ids
+        if ids is None or ids_b is None:
+            raise ValueError("ids=(ids of a, ids of b) needs both sides; pass one tensor when a and b share ids")
+        return ids, ids_b
+    if ids is None:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"without ids a and b need the same number of rows, got {a.shape[0]} and {b.shape[0]}")
+        ids = rank_offset_labels(a.shape[0], a.device)
+    return ids, ids
+
+
+def gathered_siglip_loss(a: torch.Tensor, b: torch.Tensor, *, temperature: float | torch.Tensor = 0.1,
+                         bias: float | torch.Tensor = -10.0, ids=None, normalize: bool = True) -> torch.Tensor:
+    r"""SigLIP across processes: this rank's rows of ``a`` against the gathered columns of ``b``.
+
+    The sigmoid loss is a sum of independent pair terms (:func:`mmalign.losses.siglip_loss`), so each
+    rank computes the n x W*n block of its own rows and nothing is lost: the paper (Zhai et al., 2023)
+    passes the caption chunks around the devices for the same blocks; here they are gathered
+    (differentiably, :func:`all_gather`). Returns W times this rank's part of the global loss
+    :math:`-rac{1}{Wn}\sum_{i,j}\log\sigma(z_{ij}(s_{ij}/	au + b))`, so the mean over ranks is the
+    single-process loss of the whole batch and the gradients averaged over ranks (DDP) are its
+    gradients, including those of a learned temperature and bias.
+
+    Args:
+        a, b: (n, D) local embeddings of the two views on this rank (same n on every rank).
+        temperature: tau > 0 (a float or a 0-d tensor).
+        bias: b (a float or a 0-d tensor).
+        ids: optional (n,) item ids shared by ``a`` and ``b``, or a pair ``(ids of a, ids of b)``;
+            gathered, so equal ids on different ranks are positives. Without ids the global diagonal.
+        normalize: L2-normalise a and b first.
+    Returns:
+        The scalar loss of this rank (see above); in one process, ``siglip_loss`` of the batch.
+    """
+    a = check_embeddings("a", a)
+    b = check_embeddings("b", b)
+    check_temperature(temperature)
+    _check_bias(bias)
+    ids, ids_b = _split_ids(ids, a, b)
+    if not is_distributed():
+        return siglip_loss(a, b, temperature=temperature, bias=bias, ids=(ids, ids_b), normalize=normalize)
+    gb = all_gather(b)
+    gib = all_gather_ids(torch.as_tensor(ids_b, device=b.device))
+    ids = check_ids("ids", ids, a.shape[0], a.device)
+    check_pair(a, gb, same_length=False, finite=False)
+    pos = ids[:, None] == gib[None, :]  # (n, W n): this rank's rows
+    logits = _similarity(a, gb, normalize) / temperature + bias
+    return _siglip_logits_loss(logits, pos, a.shape[0])
 
 
 def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor:

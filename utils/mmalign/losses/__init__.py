@@ -9,9 +9,10 @@ from .info_nce import info_nce
 from .mms import AdaptiveMargin, ScheduledMargin, mms_loss
 from .moco import moco_loss
 from .multiview import multiview_loss, n_loss_terms, term_keys
+from .siglip import siglip_loss
 from .triplet import triplet_loss, triplet_loss_embeddings
 
-__all__ = ["info_nce", "triplet_loss", "triplet_loss_embeddings", "contrastive_loss",
+__all__ = ["info_nce", "siglip_loss", "triplet_loss", "triplet_loss_embeddings", "contrastive_loss",
            "cosine_embedding_loss", "make_signed_pairs", "mms_loss", "ScheduledMargin", "AdaptiveMargin",
            "hypersphere_loss", "moco_loss", "multiview_loss", "n_loss_terms", "term_keys",
            "distill_contrastive_loss", "sample_hard_negatives", "codebook_targets", "prototype_loss", "ot_cost_loss"]
