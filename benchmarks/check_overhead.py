@@ -15,6 +15,18 @@ Random features stand in for the cached ones (same shapes, same step cost).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/check_overhead.py [--repeats 7] [--scenes 1200]
 
+``--chapter 8`` times chapter 8's CODIS step instead (CI-profile budget: batch 64, width 64, one layer,
+queue 512, 64 codewords, every term on: ITC, intra, ITM, MLM, codebook; patches (64, 9, 1280), tokens
+(64, 16, 384), 38 MLM classes): ``Codis.losses`` + backward + AdamW step + ``after_step``, checks on and
+off alternating step by step, plus the structural boundary checks of ``Codis.losses`` alone (they run
+in both; ``train_codis`` runs its steps inside ``checks.disabled()``, so they are all it pays)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/check_overhead.py --chapter 8 [--steps 400]
+
+Measured (issue 22, CPU, 1 torch thread, a 2-core machine shared with other jobs, load ~3): a step of
+194-219 ms; the finiteness scans 0.5-1.0 % of it (on - off, two runs of 100 and 400 steps; the scan of
+patches and tokens at the boundary alone is 0.2 ms, 0.1 %); the structural boundary checks 30 us, 0.01 %.
+
 Budget (issue 11): the checks cost < 2 % of a step.
 """
 
@@ -69,15 +81,85 @@ def loss_call_times(pair_loss, img, txt, ids, cfg, calls: int) -> tuple[list[flo
     return on, off
 
 
+def chapter8(steps: int, tokens_len: int = 16, vocab: int = 38) -> None:
+    """Chapter 8's CODIS step with the checks on and off (interleaved), and the boundary checks alone."""
+    from mmalign.experiments.codis import budgets
+    from mmalign.models.codis import Codis, CodisConfig
+
+    budget = budgets(load_config("ci"))
+    b = budget["batch_size"]
+    cfg = CodisConfig(width=budget["width"], layers=budget["layers"], heads=budget["heads"], embed_dim=budget["embed_dim"],
+                      queue_size=budget["queue_size"], momentum=budget["momentum"], alpha=budget["alpha"],
+                      n_codewords=budget["n_codewords"], max_tokens=tokens_len, vocab_size=vocab, max_patches=9,
+                      intra=True, codebook=True)
+    torch.manual_seed(0)
+    model = Codis(cfg)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=budget["lr"])
+    g = torch.Generator().manual_seed(0)
+    n_batches = 8
+    data = []
+    for i in range(n_batches):
+        patches, tokens = torch.randn(b, 9, 1280, generator=g), torch.randn(b, tokens_len, 384, generator=g)
+        lengths = torch.randint(4, tokens_len + 1, (b,), generator=g)
+        mask = torch.arange(tokens_len)[None, :] < lengths[:, None]
+        labels = torch.randint(0, vocab, (b, tokens_len), generator=g).masked_fill(~mask, -100)
+        data.append((patches, tokens, mask, torch.arange(b) + i * b, labels))
+    gen = torch.Generator().manual_seed(1)
+
+    def one_step(batch) -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model.losses(*batch, generator=gen)["total"].backward()
+        opt.step()
+        model.after_step()
+        return time.perf_counter() - start
+
+    for i in range(20):  # warm-up: fill the queues
+        one_step(data[i % n_batches])
+    on, off = [], []
+    for i in range(steps):
+        flag = i % 2 == 0
+        checks.set_enabled(flag)
+        (on if flag else off).append(one_step(data[i % n_batches]))
+    checks.set_enabled(None)
+    boundary_on, boundary_off = [], []
+    for i in range(4000):  # the boundary checks alone, with and without their finiteness scan, interleaved
+        flag = i % 2 == 0
+        checks.set_enabled(flag)
+        batch = data[i % n_batches]
+        start = time.perf_counter()
+        model._check_batch(*batch, gen)
+        (boundary_on if flag else boundary_off).append(time.perf_counter() - start)
+    checks.set_enabled(None)
+    step_on, step_off = statistics.median(on), statistics.median(off)
+    scan = max(0.0, step_on - step_off)
+    structural = statistics.median(boundary_off)
+    print(f"boundary checks of Codis.losses alone: {1e6 * statistics.median(boundary_on):.0f} us with the scan of "
+          f"patches and tokens, {1e6 * structural:.0f} us without")
+    print(f"chapter 8 CODIS step (batch {b}, every term on, torch threads {torch.get_num_threads()}, {steps} steps)")
+    print(f"step with checks on {1e3 * step_on:.2f} ms, off {1e3 * step_off:.2f} ms (medians, interleaved)")
+    print(f"finiteness scans (on - off): {1e6 * scan:.0f} us = {100 * scan / step_off:.2f}% of a step")
+    print(f"boundary checks of Codis.losses (structural, on in both): {1e6 * structural:.0f} us = "
+          f"{100 * structural / step_off:.2f}% of a step")
+    print(f"policy cost with checks on: {100 * (scan + structural) / step_off:.2f}% of a step (budget 2%); "
+          f"inside checks.disabled() (as train_codis runs): {100 * structural / step_off:.2f}% plus the structural "
+          "checks inside the losses")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chapter", type=int, choices=(2, 8), default=2, help="2: the loss zoo; 8: the CODIS step")
+    parser.add_argument("--steps", type=int, default=400, help="chapter 8: steps timed (half on, half off)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scenes", type=int, default=1200)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--calls", type=int, default=2000, help="loss calls timed per loss (half on, half off)")
     args = parser.parse_args()
-    cfg = load_config("ci")
     torch.set_num_threads(1)
+    if args.chapter == 8:
+        chapter8(args.steps)
+        return
+    cfg = load_config("ci")
     g = torch.Generator().manual_seed(0)
     n_scenes, k = args.scenes, 3
     scene_img = torch.randn(n_scenes, 1280, generator=g)
