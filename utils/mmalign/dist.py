@@ -48,7 +48,7 @@ from .losses.siglip import _check_bias, _siglip_logits_loss
 from .retrieval import _similarity
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "init", "cleanup", "free_port", "all_gather",
-           "all_gather_ids", "rank_offset_labels", "gathered_info_nce", "gathered_siglip_loss", "all_reduce_mean", "broadcast_object",
+           "all_gather_ids", "all_gather_rows", "rank_offset_labels", "gathered_info_nce", "gathered_siglip_loss", "all_reduce_mean", "broadcast_object",
            "barrier"]
 
 
@@ -187,6 +187,36 @@ def all_gather_ids(ids: torch.Tensor, check_sizes: bool = True) -> torch.Tensor:
     parts = [torch.empty_like(ids) for _ in range(world_size())]
     td.all_gather(parts, ids.contiguous())
     return torch.cat(parts, 0)
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n_r, ...) tensor concatenated in rank order, where n_r may differ between ranks
+    (no gradient): what a queue or memory that every rank keeps identical stores. Identity in one process.
+
+    The trailing shape and the dtype must agree across ranks (a ValueError on every rank lists them).
+    Two collectives: one for the sizes, one for the rows padded to the largest n_r.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not is_distributed():
+        return x
+    if x.dim() == 0 or x.dim() > _MAX_DIMS:
+        raise ValueError(f"all_gather_rows takes tensors of 1 to {_MAX_DIMS} dimensions, got shape {tuple(x.shape)}")
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    device = x.device if td.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+    mine = torch.tensor([x.dim(), code, *x.shape, *[0] * (_MAX_DIMS - x.dim())], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world_size())]
+    td.all_gather(parts, mine)
+    seen = [(tuple(int(v) for v in t[2:2 + int(t[0])]), int(t[1])) for t in parts]
+    if len({(shape[1:], c) for shape, c in seen}) > 1:
+        raise ValueError("all_gather_rows needs the same trailing shape and dtype on every rank, got "
+                         + ", ".join(f"rank {r}: {shape} dtype code {c}" for r, (shape, c) in enumerate(seen)))
+    rows = [shape[0] for shape, _ in seen]
+    padded = x.detach().new_zeros((max(rows), *x.shape[1:]))
+    padded[:x.shape[0]] = x.detach()
+    out = [torch.empty_like(padded) for _ in rows]
+    td.all_gather(out, padded.contiguous())
+    return torch.cat([t[:n] for t, n in zip(out, rows)], 0)
 
 
 def rank_offset_labels(n_local: int, device=None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from . import dist as _dist
 from ._deprecation import keyword_settings
 from .checks import check_finite, check_ids, check_int, check_real
 from .miners import _check_k, _check_sim, _negative_mask, _paired_positive, _topk_rows
@@ -58,7 +59,7 @@ class _RingBuffer:
         self._feats, self._ids = self._feats.to(device), self._ids.to(device)
         return self
 
-    def _write(self, feats: torch.Tensor, ids) -> None:
+    def _write(self, feats: torch.Tensor, ids, gather: bool = True) -> None:
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[1] != self.dim:
             shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
             raise ValueError(f"expected (n, {self.dim}) features, got {shape}; project them to dim={self.dim} first")
@@ -71,6 +72,9 @@ class _RingBuffer:
         if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"item ids must be integers, got {ids.dtype}")
         check_finite("features", feats)
+        if gather and _dist.is_distributed():  # every rank writes every rank's rows, in rank order
+            feats, ids = _dist.all_gather_rows(feats.detach()), _dist.all_gather_rows(ids.long())
+            n = feats.shape[0]
         if n == 0:
             return
         keep = min(n, self.size)  # rows that survive: the last `keep`
@@ -138,10 +142,15 @@ class HardNegativeMemory(_RingBuffer):
     """
 
     @keyword_settings(renamed={"item_ids": "ids"})
-    def write(self, features: torch.Tensor, ids: torch.Tensor) -> None:
+    def write(self, features: torch.Tensor, ids: torch.Tensor, *, gather: bool = True) -> None:
         """Store (n, dim) ``features`` with their (n,) item ``ids``; a batch larger than the
-        memory keeps its last ``size`` rows. Features are detached and cast to the memory's dtype."""
-        self._write(features, ids)
+        memory keeps its last ``size`` rows. Features are detached and cast to the memory's dtype.
+
+        Under torch.distributed (and ``gather=True``) every rank's rows are gathered first, in rank
+        order (:func:`mmalign.dist.all_gather_rows`; n may differ between ranks), so every process holds
+        the same memory, the one a single process would hold after writing the global batch's rows.
+        ``gather=False`` keeps a memory per process (its own rows only)."""
+        self._write(features, ids, gather)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features (count, dim), ids (count,))`` of the filled slots, in slot order."""
@@ -216,9 +225,14 @@ class MoCoQueue(_RingBuffer):
     """
 
     @keyword_settings(renamed={"item_ids": "ids"})
-    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
-        """Append (n, dim) ``keys`` (detached) with their (n,) item ``ids``, dropping the oldest."""
-        self._write(keys, ids)
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor, *, gather: bool = True) -> None:
+        """Append (n, dim) ``keys`` (detached) with their (n,) item ``ids``, dropping the oldest.
+
+        Under torch.distributed (and ``gather=True``) every rank's keys are gathered first, in rank
+        order, as MoCo's own recipe does (``concat_all_gather`` before ``_dequeue_and_enqueue``): every
+        process holds the same queue, the one a single process holds after enqueuing the global batch.
+        ``gather=False`` keeps a queue per process."""
+        self._write(keys, ids, gather)
 
     @property
     def keys(self) -> torch.Tensor:
