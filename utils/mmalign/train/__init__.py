@@ -24,21 +24,23 @@ The package shows its parts, each usable on its own in a loop of your own:
 * :mod:`mmalign.train.state`: :class:`TrainState` (everything a checkpoint holds),
   :func:`save_checkpoint` / :func:`load_checkpoint`, :func:`run_fingerprint` and
   :func:`outside_parameters` (what the optimizer updates outside the model);
-* :mod:`mmalign.train.distributed`: the ``DistributedDataParallel`` wrapper of the loss.
+* :mod:`mmalign.train.distributed`: the ``DistributedDataParallel`` wrapper of the loss;
+* :mod:`mmalign.train.gradcache`: :func:`grad_cache_loss`, contrastive batches larger than memory.
 
 Everything is importable from ``mmalign.train`` itself (``from mmalign.train import fit``) and
 documented here.
 """
 
-from . import distributed, loop, state
+from . import distributed, gradcache, loop, state
 from .distributed import LossModule, wrap_ddp
+from .gradcache import grad_cache_loss
 from .loop import epoch_order, fit, record_eval, to_device, train_step
 from .state import (History, OutsideParameter, TrainState, load_checkpoint, outside_parameters, run_fingerprint,
                     save_checkpoint)
 
 __all__ = ["fit", "train_step", "record_eval", "epoch_order", "to_device", "History", "TrainState",
            "save_checkpoint", "load_checkpoint", "run_fingerprint", "outside_parameters", "OutsideParameter",
-           "LossModule", "wrap_ddp"]
+           "LossModule", "wrap_ddp", "grad_cache_loss"]
 
 # One public home, as numpy does (numpy._utils.set_module): the reference documents these objects here,
 # and the chapters link #mmalign.train.fit; the submodules document their parts without :members:.
