@@ -119,10 +119,10 @@ from mmalign import dist
 print(inspect.getsource(dist.gathered_info_nce))
 
 # %% [markdown]
-# [`mmalign.dist_demo`](#mmalign.dist_demo) is a small script that every process runs: it trains the chapter-2 heads through the
+# [`mmalign.experiments.scaling_worker`](#mmalign.experiments.scaling_worker) is a small script that every process runs: it trains the chapter-2 heads through the
 # course's one training loop, `mmalign.train.fit`, which under `torchrun` gives each process its part of every
-# seeded global batch, averages gradients after backward, reports losses averaged over processes and lets
-# rank 0 alone write checkpoints. It trains twice with the same global batch: **local** negatives (each
+# seeded global batch, averages gradients through PyTorch's `DistributedDataParallel` during the backward
+# pass, reports losses averaged over processes and lets rank 0 alone evaluate and write checkpoints. It trains twice with the same global batch: **local** negatives (each
 # process's InfoNCE sees its $B/2$ pairs) and **gathered** negatives. We launch it on 2 CPU processes:
 
 # %%
@@ -297,7 +297,7 @@ pd.DataFrame({name: sizes for name, sizes in _PROFILE_SIZES.items()}).T[
 # MMALIGN_PROFILE=gpu make data                  # render the larger world and cache its features
 # MMALIGN_PROFILE=gpu make book                  # run every chapter on the GPU
 # MMALIGN_PROFILE=gpu python -m mmalign.experiments 02   # one chapter's reference table
-# torchrun --nproc_per_node=8 -m mmalign.dist_demo --out runs/   # 8 GPUs: NCCL, one GPU per process
+# torchrun --nproc_per_node=8 -m mmalign.experiments.scaling_worker --out runs/   # 8 GPUs: NCCL, one GPU per process
 # ```
 #
 # [`mmalign.dist.init()`](#mmalign.dist.init) picks NCCL when CUDA is present and gloo otherwise, and gives each process the GPU

@@ -114,3 +114,13 @@ def test_bad_input():
         siglip_loss(a, b)
     with pytest.raises(TypeError):
         siglip_loss(a, b, 0.1)  # settings are keyword-only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_under_autocast_the_logits_stay_float32():
+    a, b = batch()
+    ref = naive_siglip(a, b, 0.05, -10.0)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = siglip_loss(a.float().cuda(), b.float().cuda(), temperature=0.05, bias=-10.0)
+    assert loss.dtype == torch.float32 and loss.device.type == "cuda"
+    assert float(loss) == pytest.approx(ref, rel=1e-5)

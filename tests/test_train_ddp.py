@@ -231,3 +231,31 @@ def test_iterable_dataset_refuses_workers():
         _plain_run(_gathered, data=Stream(), num_workers=2)
     with pytest.raises(TypeError, match="map-style torch Dataset .* or a torch IterableDataset, got int"):
         _plain_run(_gathered, data=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_outside_temperature_on_cuda_resumes_bit_identically(tmp_path):
+    def run(checkpoint=None, max_steps=None, init=0.1, seed=1):
+        model, temp = _model(seed).float().cuda(), LearnableTemperature(init).cuda()
+        opt = torch.optim.Adam([*model.parameters(), *temp.parameters()], lr=2e-2)
+        x, y, ids = _fit_data()
+
+        def step(m, batch):
+            a, b, i = batch
+            return info_nce(m["i"](a), m["t"](b), temperature=temp(), ids=i)
+
+        fit(model, step, (x.float(), y.float(), ids), optimizer=opt, epochs=2, batch_size=BATCH, seed=4,
+            device="cuda", amp=False, max_steps=max_steps, checkpoint_path=checkpoint, progress=False)
+        return temp.log_scale.detach().cpu(), {k: v.cpu() for k, v in model.state_dict().items()}
+
+    full = run()
+    run(checkpoint=tmp_path / "c.pt", max_steps=STOP)
+    resumed = run(checkpoint=tmp_path / "c.pt", init=0.5, seed=7)
+    assert torch.equal(full[0], resumed[0])
+    assert all(torch.equal(full[1][k], resumed[1][k]) for k in full[1])
+    cpu_temp = LearnableTemperature(0.1)  # left on the CPU while the model trains on CUDA: refused, named
+    model = _model().float()
+    with pytest.raises(ValueError, match=r"optimizer group 0 parameter 4 \(\), which is on cpu while the model trains"):
+        fit(model, lambda m, b: m["i"](b[0]).sum(), tuple(t.float() if t.is_floating_point() else t for t in _fit_data()),
+            optimizer=torch.optim.SGD([*model.parameters(), *cpu_temp.parameters()], lr=0.1), epochs=1,
+            batch_size=BATCH, device="cuda", progress=False)

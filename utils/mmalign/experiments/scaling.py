@@ -3,7 +3,7 @@ gloo), communication against compute, mixed precision and the float32-logits rul
 large galleries in chunks.
 
 The notebook calls these functions, so its live numbers and ``results/09_scaling.json`` compute the
-same thing. The multi-process part runs :mod:`mmalign.dist_demo` under ``torch.distributed.run``.
+same thing. The multi-process part runs :mod:`mmalign.experiments.scaling_worker` under ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def negatives_sweep(train: FeatureSplit, test: FeatureSplit, cfg: Config, negati
 
 
 def torchrun(args, nproc: int = 2, profile: str | None = None, timeout: float = 600) -> str:
-    """Run ``torchrun --nproc_per_node=nproc -m mmalign.dist_demo ARGS`` on localhost; return the command.
+    """Run ``torchrun --nproc_per_node=nproc -m mmalign.experiments.scaling_worker ARGS`` on localhost; return the command.
 
     On CPU the processes use gloo, one thread each. A failure raises with the workers' stderr."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "mmalign.dist_demo", *map(str, args)]
+           f"--master_port={free_port()}", "-m", "mmalign.experiments.scaling_worker", *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if profile:
         env["MMALIGN_PROFILE"] = profile
@@ -97,7 +97,7 @@ def torchrun(args, nproc: int = 2, profile: str | None = None, timeout: float = 
 
 def launch_demo(cfg: Config, out_dir: str | Path, epochs: int, batch_size: int, sizes=(64, 256, 1024),
                 nproc: int = 2, timeout: float = 600) -> dict:
-    """Run :mod:`mmalign.dist_demo` on ``nproc`` processes and return its summary.json (and the command)."""
+    """Run :mod:`mmalign.experiments.scaling_worker` on ``nproc`` processes and return its summary.json (and the command)."""
     out_dir = Path(out_dir)
     command = torchrun(["--out", out_dir, "--epochs", epochs, "--batch-size", batch_size,
                         "--sizes", ",".join(map(str, sizes))], nproc, cfg.profile, timeout)
@@ -108,7 +108,7 @@ def launch_demo(cfg: Config, out_dir: str | Path, epochs: int, batch_size: int, 
 
 def check_on_processes(loss_fn, nproc: int = 2, timeout: float = 300) -> dict:
     """Check ``loss_fn(a, b, temperature)`` on ``nproc`` processes (lab 9): its source is written to a
-    file that every worker imports, and :func:`mmalign.dist_demo.check_loss` runs it on the fixed batch.
+    file that every worker imports, and :func:`mmalign.experiments.scaling_worker.check_loss` runs it on the fixed batch.
 
     The function must be self-contained: it may use ``torch``, ``F`` (torch.nn.functional), ``dist``
     (mmalign.dist), ``similarity`` (mmalign.retrieval) and ``info_nce`` (mmalign.losses), which the file
@@ -133,7 +133,7 @@ def check_on_processes(loss_fn, nproc: int = 2, timeout: float = 300) -> dict:
 
 def reference_check(temperature: float = 0.1) -> dict:
     """What :func:`check_on_processes` must return: single-process InfoNCE on the whole batch."""
-    from ..dist_demo import check_batch
+    from .scaling_worker import check_batch
 
     a, b = (t.requires_grad_() for t in check_batch())
     loss = info_nce(a, b, temperature=temperature)

@@ -1,4 +1,4 @@
-"""Chapter 9's multi-process worker: ``torchrun --nproc_per_node=2 -m mmalign.dist_demo --out DIR``.
+"""Chapter 9's multi-process worker: ``torchrun --nproc_per_node=2 -m mmalign.experiments.scaling_worker --out DIR``.
 
 Every process loads the cached features of the profile (``MMALIGN_PROFILE``), then
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .config import load_config
-from .losses import info_nce
+from .. import dist
+from ..config import load_config
+from ..losses import info_nce
 
 TEMPERATURE = 0.07
 
@@ -144,8 +144,8 @@ def main(argv=None) -> None:
         return
     cfg = load_config()
     torch.set_num_threads(cfg.num_threads or 1)
-    from .data.features import scene_features
-    from .recipes import evaluate, train_dual_encoder
+    from ..data.features import scene_features
+    from ..recipes import evaluate, train_dual_encoder
 
     train, test = scene_features("train", cfg, progress=False), scene_features("test", cfg, progress=False)
     summary = {"world_size": dist.world_size(), "backend": torch.distributed.get_backend()
