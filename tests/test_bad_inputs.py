@@ -353,7 +353,7 @@ TRAIN_CASES = {
     "fit loss_fn not callable": (lambda: tiny_fit(loss_fn="mse"), TypeError, r"loss_fn must be a callable"),
     "fit stateful without state_dict": (lambda: tiny_fit(stateful={"queue": [1, 2]}), TypeError, r"stateful\['queue'\] \(list\) needs state_dict\(\)"),
     "fit data empty tuple": (lambda: tiny_fit(data=()), ValueError, r"data is empty"),
-    "fit data int": (lambda: tiny_fit(data=5), TypeError, r"data must be a tuple of tensors or a torch Dataset"),
+    "fit data int": (lambda: tiny_fit(data=5), TypeError, r"data must be a tuple of tensors, a map-style torch Dataset .* or a torch IterableDataset, got int"),
     "fit nan loss": (lambda: tiny_fit(loss_fn=lambda m, b: m(b[0]).mean() * NAN), FloatingPointError, r"loss is nan at step 0"),
 }
 
