@@ -1,8 +1,9 @@
 """The lab machinery (mmalign.labs): generating labs from solutions, checking them, autograding.
 
-Everything runs on a tiny fixture lab written to tmp_path. Grading starts a Jupyter kernel per
+Everything runs on a tiny fixture lab written to tmp_path. Grading starts a sandboxed process per
 notebook (2-4 s each), so all submissions are graded once, by one module-scoped ``grade_dir`` run,
-and the tests read its results.
+and the tests read its results. The routes a student could take to forge a grade are in
+tests/test_grading_attacks.py.
 """
 
 import csv
@@ -13,6 +14,7 @@ import nbformat
 import pytest
 
 from mmalign import labs
+from mmalign.labs import sandbox
 
 HEADER = textwrap.dedent(
     """\
@@ -326,7 +328,7 @@ def test_solution_gets_full_marks(graded):
     assert earned(result) == {"add_test": 2, "scale_test": 3}
     assert (result["score"], result["max_score"]) == (5, 5)
     assert result["manual"] == [{"grade_id": "why", "points": 1, "earned": 0, "status": "needs manual grading"}]
-    assert result["total_max"] == 6 and result["problems"] == []
+    assert result["total_max"] == 6 and [p for p in result["problems"] if p != sandbox.NO_SANDBOX] == []
 
 
 def test_untouched_lab_gets_zero(graded):
@@ -378,82 +380,3 @@ def test_grade_errors_name_the_file(graded, capsys):
     report = labs.format_report(graded["rows"]["dave"]["result"])
     assert "total: 0 / 5" in report and "manual answer why: unanswered, 0 / 1" in report
     assert "manual grading needed: why" in labs.format_report(graded["solution"])
-
-
-# --------------------------------------------------------------------------------------------------
-# Gaming the grader (one kernel per submission; graded once)
-# --------------------------------------------------------------------------------------------------
-
-CHANCE_IMPL = nbgrader("chance_impl", grade=False, solution=True)
-CHANCE_TEST = nbgrader("chance_test", grade=True, solution=False, points=2)
-CHANCE = HEADER + f'''
-# %%
-import math
-
-# %% {CHANCE_IMPL}
-def my_chance(n_gallery, n_positives, k):
-    """Recall@k of a random ranking."""
-    ### BEGIN SOLUTION
-    return 1 - math.comb(n_gallery - n_positives, k) / math.comb(n_gallery, k)
-    ### END SOLUTION
-
-
-# %% {CHANCE_TEST}
-from mmalign.retrieval import chance_recall
-
-got = my_chance(100, 1, 10)
-assert math.isclose(got, 0.1, rel_tol=1e-9), f"expected 0.1, got {{got}}"
-### BEGIN HIDDEN TESTS
-for g, p, k in ((50, 2, 5), (10, 3, 4), (7, 1, 7)):
-    assert math.isclose(my_chance(g, p, k), chance_recall(g, p, k), rel_tol=1e-9), (g, p, k)
-### END HIDDEN TESTS
-'''
-
-GAMING = {
-    "honest": ("def my_chance(n_gallery, n_positives, k):\n"
-               "    return 1 - math.comb(n_gallery - n_positives, k) / math.comb(n_gallery, k)", None),
-    "patched_isclose": ("math.isclose = lambda *args, **kwargs: True\n\n"
-                        "def my_chance(n_gallery, n_positives, k):\n    return 0.0", "math.isclose"),
-    "patched_builtin": ("import builtins\nbuiltins.float = lambda *a: 0.1\n\n"
-                        "def my_chance(n_gallery, n_positives, k):\n    return 0.1", "builtins.float"),
-    "patched_while_running": ("def my_chance(n_gallery, n_positives, k):\n"
-                              "    math.isclose = lambda *args, **kwargs: True\n    return 0.0", "while the test ran"),
-    "calls_reference": ("def my_chance(n_gallery, n_positives, k):\n"
-                        "    import mmalign.retrieval as r\n"
-                        "    return getattr(r, 'chance_' + 'recall')(n_gallery, n_positives, k)",
-                        "mmalign.retrieval.chance_recall, the library's reference"),
-    "alias_of_reference": ("from mmalign.retrieval import chance_recall as my_chance", "is the library's"),
-    "transformer_blanks_tests": ("get_ipython().input_transformers_post.append(lambda lines: [])\n\n"
-                                 "def my_chance(n_gallery, n_positives, k):\n    return 0.0", "guard did not run"),
-}
-
-
-@pytest.fixture(scope="module")
-def gamed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gaming")
-    solution = write_solution(root / "solutions", CHANCE, name="01_chance.py")
-    lab = labs.generate_lab(solution)
-    for name, (answer, _) in GAMING.items():
-        labs.write_lab(submission(lab, {"chance_impl": answer}), root / "subs" / name / "01_chance.ipynb")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MMALIGN_PROFILE", raising=False)
-        rows = labs.grade_dir(root / "subs", root / "solutions", log=lambda line: None)
-    return {row["student"]: row["result"] for row in rows}
-
-
-def test_guard_config_finds_the_reference(tmp_path):
-    solution = write_solution(tmp_path, CHANCE, name="01_chance.py")
-    config = labs.grading.guard_config(labs.solution_as_notebook(solution), "s")
-    assert config["answers"] == ["my_chance"] and config["modules"] == ["mmalign.retrieval"]
-    assert config["references"] == [("mmalign.retrieval", "chance_recall")]
-
-
-@pytest.mark.parametrize("name", GAMING, ids=list(GAMING))
-def test_gaming_attempts_score_zero_with_a_reason(gamed, name):
-    result, reason = gamed[name], GAMING[name][1]
-    row = result["cells"][0]
-    if reason is None:
-        assert (row["earned"], row["status"]) == (2, "passed"), row
-    else:
-        assert row["earned"] == 0 and row["status"] == "failed", row
-        assert reason in row["error"], row["error"]

@@ -177,7 +177,7 @@ def test_module_needs_follow_import_time_imports_only():
     assert needs["mmalign.losses.info_nce"] == {"torch"}, needs["mmalign.losses.info_nce"]
     assert needs["mmalign.plots"] == {"matplotlib", "numpy", "torch"}, needs["mmalign.plots"]
     assert "matplotlib" in needs["mmalign.widgets"], "widgets imports plots, which imports matplotlib"
-    assert needs["mmalign.labs.guard"] == {"nbformat"}, "loading labs.guard runs labs/__init__ (nbformat)"
+    assert needs["mmalign.labs.review"] == {"nbformat", "torch"}, "loading labs.review runs labs/__init__ (nbformat)"
     assert needs["mmalign.data.karpathy"] >= {"pillow"}, needs["mmalign.data.karpathy"]
     assert needs["mmalign.models.encoders"] == {"numpy", "torch"}, "timm/transformers are imported lazily there"
     assert needs["mmalign"] == set(), "import mmalign is lazy"

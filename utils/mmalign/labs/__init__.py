@@ -31,28 +31,30 @@ What the pieces do, in nbgrader terms:
   markers is replaced as a whole, hidden tests are deleted, outputs are stripped, locked cells are
   made read-only and every graded, solution or locked cell carries nbgrader's ``checksum`` (so
   ``nbgrader validate`` catches an edited locked cell). The output is deterministic.
-* ``grade`` is ``nbgrader autograde``: every autograder test cell of the submission (``grade: true``,
-  ``solution: false``) is replaced by the instructor's version, hidden tests included, matched by
-  ``grade_id``; the notebook runs top to bottom and a test cell earns its points when it runs
-  without error. A manually graded answer (``grade: true``, ``solution: true``) left untouched
-  scores 0 (as in nbgrader); an edited one waits for the instructor. The test cells run behind a
-  guard (:mod:`mmalign.labs.guard`): answers that replace comparison functions, builtins or library
-  functions, or that call the library's reference implementation of the exercise, score 0 with a
-  message saying why.
+* ``grade`` is ``nbgrader autograde`` where the submission cannot forge its grade: the student's
+  code cells run in a separate, sandboxed process (:mod:`mmalign.labs.sandbox`) from which the
+  library objects the lab asks for were taken away; the instructor's test cells, hidden tests
+  included (matched by ``grade_id``), run in the grader's process, where each answer is a proxy
+  that asks the student's process for *values* (:mod:`mmalign.labs.remote`), loaded safely and
+  compared there. A test cell earns its points when it runs without error in the grader. A
+  manually graded answer (``grade: true``, ``solution: true``) left untouched scores 0 (as in
+  nbgrader); an edited one waits for the instructor. Lines that reach into the kernel, the
+  library or the system are listed for a person to read (:mod:`mmalign.labs.review`).
 
 Where things are: :mod:`~mmalign.labs.notebook` (reading and validating solution files, nbgrader
 metadata, checksums), :mod:`~mmalign.labs.generation`, :mod:`~mmalign.labs.checking`,
-:mod:`~mmalign.labs.grading` (with :mod:`~mmalign.labs.guard`, the code that runs inside the
-student's kernel) and :mod:`~mmalign.labs.cli`.
+:mod:`~mmalign.labs.grading` (with :mod:`~mmalign.labs.remote`, :mod:`~mmalign.labs.runner`, the
+code that runs in the student's process, :mod:`~mmalign.labs.sandbox` and :mod:`~mmalign.labs.review`),
+:mod:`~mmalign.labs.testing` (helpers for test cells) and :mod:`~mmalign.labs.cli`.
 
-Grading executes student code: run it in a container or a throwaway account, never as yourself on
-a machine holding anything of value.
+Grading executes student code: with bubblewrap it runs in a sandbox; without it, grade in a
+container or a throwaway account, never as yourself on a machine holding anything of value.
 """
 
 from .checking import check_labs, secret_lines
 from .cli import main
 from .generation import generate_lab, generate_labs, lab_text, write_lab
-from .grading import format_report, grade_dir, grade_notebook
+from .grading import format_report, grade_dir, grade_notebook, lab_config
 from .notebook import (CODE_STUB, CSV_COLUMNS, FORBIDDEN_IN_LABS, HEADER_EXAMPLE, KERNELSPEC, LEAK_MIN_CHARS,
                        MARKDOWN_STUB, LabFormatError, compute_checksum, iter_solutions, lab_path_for,
                        read_solution, solution_as_notebook)
@@ -72,6 +74,7 @@ __all__ = [
     "grade_notebook",
     "grade_dir",
     "format_report",
+    "lab_config",
     "secret_lines",
     "main",
 ]

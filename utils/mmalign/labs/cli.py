@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from . import __doc__ as _DOC
 from .checking import check_labs
 from .generation import generate_labs
-from .grading import format_report, grade_dir, grade_notebook
+from .grading import check_writable, format_report, grade_dir, grade_notebook, save_or_print
 from .notebook import LabFormatError, iter_solutions
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,13 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grade", help="autograde one submitted notebook")
     p.add_argument("submission")
     p.add_argument("--solution", help="solution file (default: solutions/<submission stem>.py)")
-    p.add_argument("--timeout", type=int, default=300, help="seconds per cell (default 300)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per cell or call (default 300)")
+    p.add_argument("--time-limit", type=float, help="seconds for the whole submission (default 20 x timeout)")
     p.add_argument("--json", dest="json_path", help="also write the result as JSON to this file")
     p = sub.add_parser("grade-dir", help="autograde every .ipynb under DIR into one CSV")
     p.add_argument("submissions_dir")
     p.add_argument("--solutions", default="solutions", help="solutions folder (default: solutions)")
     p.add_argument("--csv", dest="csv_path", help="output CSV (default: DIR/grades.csv)")
-    p.add_argument("--timeout", type=int, default=300, help="seconds per cell (default 300)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per cell or call (default 300)")
+    p.add_argument("--time-limit", type=float, help="seconds per submission (default 20 x timeout)")
     return parser
 
 
@@ -50,13 +51,17 @@ def main(argv=None) -> int:
                 return 1
             print("labs OK")
         elif args.command == "grade":
-            result = grade_notebook(args.submission, args.solution, timeout=args.timeout)
-            print(format_report(result))
             if args.json_path:
-                Path(args.json_path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+                check_writable(args.json_path)  # before grading: a computed grade is never lost
+            result = grade_notebook(args.submission, args.solution, timeout=args.timeout, time_limit=args.time_limit)
+            print(format_report(result))
+            if args.json_path and not save_or_print(args.json_path, json.dumps(result, indent=1) + "\n", "result",
+                                                    lambda line: print(line, file=sys.stderr)):
+                return 1
         elif args.command == "grade-dir":
-            grade_dir(args.submissions_dir, args.solutions, args.csv_path, timeout=args.timeout)
-    except (LabFormatError, FileNotFoundError) as exc:
+            grade_dir(args.submissions_dir, args.solutions, args.csv_path, timeout=args.timeout,
+                      time_limit=args.time_limit)
+    except (LabFormatError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,22 +1,31 @@
-"""Grading submissions (nbgrader's ``autograde``), guarded against answers that game the tests."""
+"""Grading submissions (nbgrader's ``autograde``) so that a submission cannot forge its grade.
+
+The instructor's test cells run in the grader's process; the student's notebook runs in a separate,
+sandboxed process (:mod:`mmalign.labs.remote`, :mod:`mmalign.labs.sandbox`) that is only ever asked
+for values. See :func:`grade_notebook`.
+"""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import csv
-import hashlib
-import json
+import io
 import os
+import random
 import re
-import secrets
+import shutil
+import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
-
-from . import guard as _guard_module
+from . import remote, review, sandbox, testing
 from .generation import generate_lab
-from .notebook import (CSV_COLUMNS, KERNELSPEC, LabFormatError, _is_manual, _is_solution, _is_test, _nbgrader,
-                       compute_checksum, solution_as_notebook)
+from .notebook import (CSV_COLUMNS, LabFormatError, _is_manual, _is_solution, _is_test, _nbgrader, compute_checksum,
+                       solution_as_notebook)
 
 from .._optional import missing_extra
 
@@ -25,17 +34,14 @@ try:
 except ModuleNotFoundError as e:
     raise missing_extra(e, "labs", "mmalign.labs") from e
 
-_GUARD_SOURCE = Path(_guard_module.__file__).read_text(encoding="utf-8")
-
-_LINE_ARROW = re.compile(r"^-+>\s*\d*\s?")  # IPython's '----> 3 ' in front of the failing line
-
-
-def _read_submission(path: Path) -> nbformat.NotebookNode:
-    """The student's notebook, or a :class:`LabFormatError` naming the file when it is not one."""
-    if not path.is_file():
+def _read_submission(path: Path, data: bytes | None = None) -> nbformat.NotebookNode:
+    """The student's notebook (from ``data`` when given: the bytes read before any grading started), or a
+    :class:`LabFormatError` naming the file when it is not one."""
+    if data is None and not path.is_file():
         raise FileNotFoundError(f"no submission {path}.")
     try:
-        return nbformat.read(path, as_version=4)
+        text = (data if data is not None else path.read_bytes()).decode("utf-8")
+        return nbformat.reads(text, as_version=4)
     except Exception as exc:  # nbformat raises NotJSONError, ValidationError, KeyError...
         raise LabFormatError(
             f"{path} is not a readable Jupyter notebook ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -48,8 +54,8 @@ def _default_solution(submission: Path, solutions_dir) -> Path:
     return Path(solutions_dir) / (submission.stem + ".py")
 
 
-def _top_level_names(source: str) -> set[str]:
-    """Names a cell defines at top level (functions, classes, assignments)."""
+def _top_level_names(source: str, definitions_only: bool = False) -> set[str]:
+    """Names a cell defines at top level (functions, classes, and unless ``definitions_only`` assignments)."""
     try:
         tree = ast.parse(source)
     except SyntaxError:  # IPython magics and the like: nothing to learn
@@ -58,7 +64,7 @@ def _top_level_names(source: str) -> set[str]:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and not definitions_only:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names |= {t.id for t in targets if isinstance(t, ast.Name)}
     return names
@@ -92,123 +98,157 @@ def _library_imports(nb) -> tuple[list[str], dict[str, tuple[str, str]]]:
     return list(dict.fromkeys(modules)), names
 
 
-def guard_config(instructor, secret: str) -> dict:
-    """What the in-kernel guard needs: the answers' names, the modules to load, the references to wrap.
+def lab_config(instructor) -> dict:
+    """What grading a lab needs, read from the instructor's notebook.
 
-    A reference is an ``mmalign`` function or class that a test cell uses and that the instructor's
-    answers do not use: calling it from a student's answer is doing the exercise with the library.
+    ``answers``: the names the solution cells define (functions, classes) that tests call; ``references``:
+    ``(module, name)`` of the ``mmalign`` objects that the test cells use and no other code cell does (the
+    library's version of the exercise, taken away in the student's process); ``prelude``: the import
+    statements of the ordinary code cells, run in the grader's test namespace; ``tests``: per grade_id its
+    source and the line numbers of its hidden region.
     """
     modules, imported = _library_imports(instructor)
-    answers, allowed, tested = set(), set(), set()
+    answers, elsewhere, tested = set(), set(), set()
+    prelude, tests, solution_ids = [], {}, []
     for cell in instructor.cells:
         if cell.cell_type != "code":
             continue
-        if _is_solution(cell):
-            answers |= _top_level_names(cell.source)
-            allowed |= _used_names(cell.source)
-        elif _is_test(cell):
+        if _is_test(cell):
             tested |= _used_names(cell.source)
-    references = sorted({imported[name] for name in tested - allowed if name in imported})
-    return {"secret": secret, "answers": sorted(answers), "modules": modules, "references": references}
-
-
-def _code_cell(source: str, index: str):
-    cell = nbformat.v4.new_code_cell(source)
-    cell.id = index
-    return cell
-
-
-def _graded_notebook(student, tests: dict, config: dict) -> tuple[nbformat.NotebookNode, dict[str, list[int]], str]:
-    """The notebook to execute: a guard, then the student's cells with each test cell swapped for the
-    instructor's and framed by the guard's ``before`` / ``after`` checks.
-
-    Returns the notebook, per test grade_id the indices of the cells that carry it (test cell at
-    ``i``, its guard cells at ``i - 1`` and ``i + 1``), and the guard's name in the kernel.
-    """
-    guard = "_mmalign_guard_" + hashlib.sha256(config["secret"].encode()).hexdigest()[:12]
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = nbformat.from_dict({"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}})
-    install = (
-        f"_g = {{'__name__': 'mmalign_grading_guard'}}\n"
-        f"exec(compile({_GUARD_SOURCE!r}, '<mmalign grading guard>', 'exec'), _g)\n"
-        f"{guard} = _g['install']({json.dumps(config)!r})\n"
-        "del _g"
-    )
-    nb.cells.append(_code_cell(install, "guard-install"))
-    positions: dict[str, list[int]] = {}
-    for index, cell in enumerate(student.cells):
-        grade_id = _nbgrader(cell).get("grade_id")
-        is_test = isinstance(grade_id, str) and grade_id in tests
-        if is_test:
-            nb.cells.append(_code_cell(f"{guard}.before({grade_id!r})", f"guard-{index}-before"))
-            cell = copy.deepcopy(tests[grade_id])
-            positions.setdefault(grade_id, []).append(len(nb.cells))
+            tests[_nbgrader(cell)["grade_id"]] = {"source": cell.source, "points": _nbgrader(cell)["points"],
+                                                  "hidden": _hidden_lines(cell.source)}
+            continue
+        elsewhere |= _used_names(cell.source)
+        if _is_solution(cell):
+            answers |= _top_level_names(cell.source, definitions_only=True)
+            solution_ids.append(_nbgrader(cell)["grade_id"])
         else:
-            cell = copy.deepcopy(cell)
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-        cell.id = f"cell-{index}"
-        nb.cells.append(cell)
-        if is_test:
-            nb.cells.append(_code_cell(f"{guard}.after({grade_id!r})", f"guard-{index}-after"))
-    return nb, positions, guard
+            prelude += _imports_of(cell.source)
+    references = sorted({imported[name] for name in tested - elsewhere
+                         if name in imported and not imported[name][0].startswith("mmalign.labs")})
+    return {"answers": sorted(answers), "references": references, "modules": modules,
+            "prelude": "\n".join(dict.fromkeys(prelude)), "tests": tests, "solution_ids": solution_ids}
 
 
-def _printed(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
-
-
-def _strip_ansi(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-def _error_line(cell, reply) -> str | None:
-    """One line saying why a cell failed, e.g. "AssertionError at `assert add(2, 2) == 4`"."""
-    content = (reply or {}).get("content", {})
-    if content.get("ename") == "Timeout":  # our error_on_timeout reply; the output says KeyboardInterrupt
-        return f"Timeout: {content.get('evalue')}"
-    for output in cell.get("outputs", []):
-        if output.get("output_type") == "error":
-            message = output.get("ename", "Error") + (f": {output['evalue']}" if output.get("evalue") else "")
-            traceback = _strip_ansi("\n".join(output.get("traceback", []))).splitlines()
-            failing = [line for line in traceback if line.startswith("---->")]
-            if failing and not output.get("evalue"):
-                message += f" at `{_LINE_ARROW.sub('', failing[-1]).strip()}`"
-            return message[:300]
-    if content.get("status") == "error":
-        return f"{content.get('ename', 'Error')}: {content.get('evalue', '')}".strip(": ")[:300]
-    return None
-
-
-def _execute(nb, cwd: Path, timeout: int, profile: str) -> tuple[dict[int, dict], str | None]:
-    """Run ``nb`` in place (errors allowed); return the execute reply of each cell run and why it stopped."""
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellControlSignal, DeadKernelError
-
-    replies: dict[int, dict] = {}
-
-    def record(cell, cell_index, execute_reply):
-        replies[cell_index] = execute_reply or {"content": {"status": "error", "ename": "NoReply"}}
-
-    client = NotebookClient(
-        nb,
-        timeout=timeout,
-        kernel_name="python3",
-        allow_errors=True,
-        interrupt_on_timeout=True,
-        error_on_timeout={"ename": "Timeout", "evalue": f"the cell ran longer than {timeout} s",
-                          "traceback": []},
-        record_timing=False,
-        skip_cells_with_tag="",
-        on_cell_executed=record,
-        resources={"metadata": {"path": str(cwd)}},
-    )
-    env = dict(os.environ, MMALIGN_PROFILE=profile)
+def _imports_of(source: str) -> list[str]:
     try:
-        client.execute(env=env)
-    except (DeadKernelError, CellControlSignal, RuntimeError) as exc:
-        return replies, f"execution stopped: {type(exc).__name__}: {exc}"
-    return replies, None
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def _hidden_lines(source: str) -> set[int]:
+    """1-based line numbers inside (and on) the hidden-test markers of a test cell's source."""
+    hidden, inside = set(), False
+    for number, line in enumerate(source.splitlines(), 1):
+        text = line.strip()
+        if re.fullmatch(r"###\s*BEGIN\s+HIDDEN TESTS", text):
+            inside = True
+        if inside:
+            hidden.add(number)
+        if re.fullmatch(r"###\s*END\s+HIDDEN TESTS", text):
+            inside = False
+    return hidden
+
+
+def _student_cells(student, config) -> list[tuple[int, str]]:
+    """The student's code cells the grader runs: every one up to the last answer, test cells left out
+    (the grader runs the instructor's tests itself; nothing after the last answer defines one)."""
+    ids = [_nbgrader(c).get("grade_id") for c in student.cells]
+    answers = [i for i, grade_id in enumerate(ids) if grade_id in config["solution_ids"]]
+    last = max(answers) if answers else len(student.cells) - 1
+    return [(i, c.source) for i, c in enumerate(student.cells[: last + 1])
+            if c.cell_type == "code" and ids[i] not in config["tests"] and isinstance(c.source, str)]
+
+
+def _failure(exc: BaseException, filename: str, hidden: set[int], source: str) -> str:
+    """One line saying why a test failed, never quoting a hidden line of the test."""
+    if isinstance(exc, AssertionError) and exc.args:
+        return f"AssertionError: {exc.args[0]}"[:300]
+    if isinstance(exc, AssertionError):
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+        if frames and frames[-1].lineno not in hidden:
+            line = source.splitlines()[frames[-1].lineno - 1].strip()
+            return f"AssertionError at `{line}`"[:300]
+        return "AssertionError in a hidden check"
+    if getattr(exc, "mmalign_student", False) or isinstance(exc, remote.StudentError):
+        return str(exc)[:300]
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _seed(seed: int = 0) -> None:
+    import numpy
+    import torch
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _run_tests(config, process, present: set[str], profile: str) -> tuple[list[dict], list[str]]:
+    """Run the instructor's test cells in this process, the answers being proxies of the student's."""
+    import torch
+
+    rows, problems = [], []
+    namespace = {"__name__": "__mmalign_test__"}
+    saved_profile = os.environ.get("MMALIGN_PROFILE")
+    os.environ["MMALIGN_PROFILE"] = profile
+    threads = torch.get_num_threads()
+    testing._process = process
+    try:
+        try:
+            exec(compile(config["prelude"], "<imports of the lab>", "exec"), namespace)
+        except Exception as exc:  # noqa: BLE001 - the instructor's imports; tests will say what is missing
+            problems.append(f"the lab's imports failed in the grader: {type(exc).__name__}: {exc}")
+        for grade_id, test in config["tests"].items():
+            row = {"grade_id": grade_id, "points": test["points"], "earned": 0, "status": "failed", "error": None}
+            rows.append(row)
+            if grade_id not in present:
+                row.update(status="missing", error="test cell missing from the submission")
+                problems.append(f"graded cell {grade_id!r} is missing from the submission (0 points).")
+                continue
+            if time.monotonic() > process.deadline:
+                row.update(status="not run", error="the submission's time limit was reached")
+                continue
+            try:
+                process.ensure()
+            except remote.StudentError as exc:
+                row["error"] = str(exc)[:300]
+                continue
+            for name in config["answers"]:
+                namespace[name] = remote.StudentFunction(process, name)
+            _seed(0)
+            filename = f"<test {grade_id}>"
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    exec(compile(test["source"], filename, "exec"), namespace)
+            except Exception as exc:  # noqa: BLE001 - any failure of a test is a failed test
+                row["error"] = _failure(exc, filename, test["hidden"], test["source"])
+            else:
+                row.update(status="passed", earned=test["points"])
+            finally:
+                torch.set_num_threads(threads)
+                torch.set_grad_enabled(True)
+    finally:
+        testing._process = None
+        if saved_profile is None:
+            os.environ.pop("MMALIGN_PROFILE", None)
+        else:
+            os.environ["MMALIGN_PROFILE"] = saved_profile
+    return rows, problems
+
+
+def _references(config) -> list[tuple[str, object]]:
+    import importlib
+
+    out = []
+    for module, name in config["references"]:
+        try:
+            out.append((f"{module}.{name}", getattr(importlib.import_module(module), name)))
+        except Exception:  # noqa: BLE001
+            continue
+    return out
 
 
 def _manual_rows(instructor, student, lab) -> list[dict]:
@@ -235,81 +275,90 @@ def _manual_rows(instructor, student, lab) -> list[dict]:
     return rows
 
 
+class _Lab:
+    """A solution read once: the instructor's notebook, its config and its lab (for manual answers)."""
+
+    def __init__(self, solution: Path):
+        self.solution = solution
+        self.instructor = solution_as_notebook(solution)
+        self.config = lab_config(self.instructor)
+        self.lab = generate_lab(solution)
+
+
 def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: str | None = None,
-                   solutions_dir="solutions") -> dict:
+                   solutions_dir="solutions", time_limit: float | None = None, _data: bytes | None = None,
+                   _lab: "_Lab | None" = None) -> dict:
     """Autograde one submission against its solution; return the per-cell result and the total.
 
-    ``solution`` defaults to ``solutions_dir/<submission stem>.py``. The notebook runs with kernel
-    python3 in the submission's folder, with ``MMALIGN_PROFILE`` = ``profile`` (default: the caller's
-    ``MMALIGN_PROFILE``, else ``ci``); ``timeout`` is per cell. Every test cell runs between the
-    guard's checks (:mod:`mmalign.labs.guard`); it earns its points when the three cells pass.
+    ``solution`` defaults to ``solutions_dir/<submission stem>.py``. The student's code cells (up to the
+    last answer) run in a fresh sandboxed process (:mod:`mmalign.labs.sandbox`: a temporary folder
+    holding only the notebook, which is its ``HOME``, ``IPYTHONDIR``, ``TMPDIR`` and working directory, a
+    reduced environment with ``MMALIGN_PROFILE`` = ``profile``, default the caller's or ``ci``), after the
+    library objects that the lab asks the student to write were taken away. The instructor's test cells,
+    hidden tests included, run in *this* process; the student's functions are proxies that ask the
+    student's process for values (:mod:`mmalign.labs.remote`). ``timeout`` bounds one cell or one call,
+    ``time_limit`` (default ``20 * timeout``) the whole submission; past it the process group is killed.
 
     Result keys: ``submission``, ``solution``, ``lab``, ``cells`` (one dict per test: ``grade_id``,
     ``points``, ``earned``, ``status`` in passed/failed/missing/not run, ``error``), ``score`` (what
     nbgrader's autograde gives: test points earned, untouched manual answers 0), ``max_score`` (the
     autograded points), ``manual`` (manually graded answers: ``grade_id``, ``points``, ``earned``,
     ``status`` in unanswered/needs manual grading/missing), ``total_max`` (``max_score`` plus the
-    manual points: nbgrader's max_score), ``problems`` (notes for the instructor).
+    manual points: nbgrader's max_score), ``problems`` (notes for the instructor), ``review`` (lines of
+    the submission for a person to read: ``cell``, ``line``, ``text``, ``why``), ``sandboxed``.
     """
     submission = Path(submission)
-    solution = Path(solution) if solution is not None else _default_solution(submission, solutions_dir)
-    if not solution.is_file():
-        raise FileNotFoundError(
-            f"no solution {solution} for {submission}; pass --solution solutions/NN_name.py "
-            "(or name the submission like its lab)."
-        )
-    instructor = solution_as_notebook(solution)
-    student = _read_submission(submission)
-    tests = {_nbgrader(c)["grade_id"]: c for c in instructor.cells if _is_test(c)}
-    secret = secrets.token_hex(16)
-    nb, positions, _ = _graded_notebook(student, tests, guard_config(instructor, secret))
+    if _lab is None:
+        solution = Path(solution) if solution is not None else _default_solution(submission, solutions_dir)
+        if not solution.is_file():
+            raise FileNotFoundError(
+                f"no solution {solution} for {submission}; pass --solution solutions/NN_name.py "
+                "(or name the submission like its lab)."
+            )
+        _lab = _Lab(solution)
+    solution, config = _lab.solution, _lab.config
+    student = _read_submission(submission, _data)
     profile = profile or os.environ.get("MMALIGN_PROFILE", "ci") or "ci"
-    replies, stopped = _execute(nb, submission.resolve().parent, timeout, profile)
-
-    problems = [stopped] if stopped else []
-    if 0 in replies and _error_line(nb.cells[0], replies[0]):
-        problems.append(f"the grading guard failed to start: {_error_line(nb.cells[0], replies[0])}")
-    cells = []
-    for grade_id, test in tests.items():
-        points = _nbgrader(test)["points"]
-        row = {"grade_id": grade_id, "points": points, "earned": 0, "status": "passed", "error": None}
-        if grade_id not in positions:
-            row.update(status="missing", error="test cell missing from the submission")
-            problems.append(f"graded cell {grade_id!r} is missing from the submission (0 points).")
-        else:
-            if len(positions[grade_id]) > 1:
-                problems.append(
-                    f"graded cell {grade_id!r} appears {len(positions[grade_id])} times; all copies must pass."
-                )
-            for index in positions[grade_id]:
-                for stage, at in (("before", index - 1), ("test", index), ("after", index + 1)):
-                    if at not in replies:
-                        row.update(status="not run", error=stopped or "cell was not executed")
-                        break
-                    error = _error_line(nb.cells[at], replies[at])
-                    if not error and stage != "test":
-                        if _guard_module.token(secret, stage, grade_id) not in _printed(nb.cells[at]):
-                            error = "the grading guard did not run (was the cell rewritten or skipped?)"
-                    if error:
-                        row.update(status="failed", error=error)
-                        break
-                if row["status"] != "passed":
-                    break
-            if row["status"] == "passed":
-                row["earned"] = points
-        cells.append(row)
-    manual = _manual_rows(instructor, student, generate_lab(solution))
-    max_score = sum(row["points"] for row in cells)
+    cells = _student_cells(student, config)
+    present = {_nbgrader(c).get("grade_id") for c in student.cells}
+    workdir = Path(tempfile.mkdtemp(prefix="mmalign-grade-"))
+    problems: list[str] = []
+    try:
+        os.chmod(workdir, 0o700)
+        (workdir / submission.name).write_bytes(_data if _data is not None else submission.read_bytes())
+        deadline = time.monotonic() + (time_limit if time_limit is not None else 20 * timeout)
+        process = remote.StudentProcess(workdir, cells, config["references"], timeout=timeout, deadline=deadline,
+                                        profile=profile)
+        try:
+            rows, notes = _run_tests(config, process, present, profile)
+        finally:
+            process.stop()
+        problems += notes
+        if process.sandboxed is False:
+            problems.append(sandbox.NO_SANDBOX)
+        for index, error in process.cell_errors[:3]:
+            if "NotImplementedError" not in str(error):
+                problems.append(f"cell {index + 1} of the submission raised {str(error)[:200]}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    flagged = review.flagged_lines(cells) + review.copied_references(cells, _references(config))
+    if flagged:
+        problems.append(f"{len(flagged)} line(s) of the submission are listed for review (reach into the "
+                        "kernel, the library or the system; see the review report)")
+    manual = _manual_rows(_lab.instructor, student, _lab.lab)
+    max_score = sum(row["points"] for row in rows)
     return {
         "submission": str(submission),
         "solution": str(solution),
         "lab": solution.stem,
-        "cells": cells,
-        "score": sum(row["earned"] for row in cells) + sum(row["earned"] for row in manual),
+        "cells": rows,
+        "score": sum(row["earned"] for row in rows) + sum(row["earned"] for row in manual),
         "max_score": max_score,
         "manual": manual,
         "total_max": max_score + sum(row["points"] for row in manual),
         "problems": problems,
+        "review": flagged,
+        "sandboxed": bool(process.sandboxed),
     }
 
 
@@ -331,6 +380,8 @@ def format_report(result: dict) -> str:
     if result["manual"]:
         lines.append(f"total with manual answers: out of {result['total_max']:g} (as nbgrader counts)")
     lines += [f"note: {problem}" for problem in result["problems"]]
+    for f in result.get("review", []):
+        lines.append(f"review: cell {f['cell'] + 1}, line {f['line']}: {f['text']}    [{f['why']}]")
     return "\n".join(lines)
 
 
@@ -340,39 +391,121 @@ def _student_of(path: Path, root: Path) -> str:
     return parts[0] if len(parts) > 1 else ""
 
 
+def check_writable(path) -> Path:
+    """Raise ``OSError`` naming ``path`` unless a file can be written there (checked before grading)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name for the output.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as exc:
+        raise OSError(f"cannot write {path} ({exc.strerror or exc}); choose another path before grading.") from None
+    return path
+
+
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_or_print(path, text: str, what: str, log=print) -> bool:
+    """Write ``text`` atomically; when that fails, print it so the grades are never lost."""
+    try:
+        write_atomic(path, text)
+        return True
+    except OSError as exc:
+        log(f"error: could not write the {what} to {path} ({exc}); here it is instead:")
+        print(text, file=sys.stdout)
+        return False
+
+
+def review_report(rows) -> str:
+    """The lines listed for a person to read, one block per submission (empty when none)."""
+    blocks = []
+    for row in rows:
+        flagged = (row.get("result") or {}).get("review") or []
+        if not flagged:
+            continue
+        lines = [f"{row['student'] or '.'}/{row['lab']}:"]
+        lines += [f"  cell {f['cell'] + 1}, line {f['line']}: {f['text']}    [{f['why']}]" for f in flagged]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
 def grade_dir(submissions_dir, solutions_dir="solutions", csv_path=None, *, timeout: int = 300,
-              profile: str | None = None, log=print) -> list[dict]:
+              profile: str | None = None, log=print, time_limit: float | None = None) -> list[dict]:
     """Grade every ``.ipynb`` under ``submissions_dir`` (``<student>/<NN_name>.ipynb``) into one CSV.
 
-    The CSV (default ``submissions_dir/grades.csv``) has columns student, lab, score, max, notes;
-    a submission that cannot be graded (unreadable, no matching solution) scores 0 with the reason
-    in notes. Returns one dict per submission: the CSV row plus ``result`` (the grade_notebook dict
-    or None).
+    The CSV (default ``submissions_dir/grades.csv``) has columns student, lab, score, max, notes; a
+    submission that cannot be graded (unreadable, no matching solution, any failure of the grader on it)
+    scores 0 with the reason in notes. Every submission and every solution is read before the first one
+    is graded, each submission runs in its own sandbox, and the CSV is written atomically at the end, so
+    one submission cannot change another's row. Lines listed for review go to ``<csv>.review.txt``.
+    Returns one dict per submission: the CSV row plus ``result`` (the grade_notebook dict or None).
     """
     root = Path(submissions_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"submissions folder {root} does not exist.")
-    csv_path = Path(csv_path) if csv_path is not None else root / "grades.csv"
+    csv_path = check_writable(Path(csv_path) if csv_path is not None else root / "grades.csv")
+    review_path = csv_path.with_name(csv_path.stem + ".review.txt")
     paths = sorted(p for p in root.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    submissions = {}
+    for path in paths:  # read everything first: grading one cannot change another
+        try:
+            submissions[path] = path.read_bytes()
+        except OSError as exc:
+            submissions[path] = exc
+    labs: dict[str, object] = {}
+    for path in paths:
+        if path.stem not in labs:
+            try:
+                labs[path.stem] = _Lab(_default_solution(path, solutions_dir))
+            except (LabFormatError, OSError) as exc:
+                labs[path.stem] = exc
     rows = []
     for path in paths:
         row = {"student": _student_of(path, root), "lab": path.stem, "score": 0, "max": "", "notes": "",
                "result": None}
+        data, lab = submissions[path], labs[path.stem]
         try:
-            result = grade_notebook(path, solutions_dir=solutions_dir, timeout=timeout, profile=profile)
+            if isinstance(data, Exception):
+                raise data
+            if isinstance(lab, Exception):
+                raise lab
+            result = grade_notebook(path, timeout=timeout, profile=profile, time_limit=time_limit, _data=data,
+                                    _lab=lab)
         except (LabFormatError, OSError) as exc:
             row["notes"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a class is always graded
+            row["notes"] = f"the grader failed on this submission ({type(exc).__name__}: {str(exc)[:200]})"
         else:
             row.update(score=result["score"], max=result["max_score"], notes="; ".join(result["problems"]),
                        result=result)
         log(f"{row['student'] or '.'}/{row['lab']}: {row['score']:g} / {row['max'] or '?'}"
             + (f"  ({row['notes']})" if row["notes"] else ""))
         rows.append(row)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    log(f"wrote {csv_path} ({len(rows)} submissions)")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if save_or_print(csv_path, buffer.getvalue(), "grades", log):
+        log(f"wrote {csv_path} ({len(rows)} submissions)")
+    report = review_report(rows)
+    if report and save_or_print(review_path, report, "review report", log):
+        log(f"wrote {review_path}: lines for a person to read in {report.count(':' + chr(10))} submission(s)")
     return rows
-
