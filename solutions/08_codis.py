@@ -144,9 +144,14 @@ print("best permutation:", perm, " IPOT's argmax per row:", plan.argmax(1).tolis
 print(f"best cost {float(C5[range(5), list(perm)].sum()) / 5:.5f}, IPOT's cost {float((plan * C5).sum()):.5f}")
 
 # %% nbgrader={"grade": true, "grade_id": "assignment_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert plan.argmax(1).tolist() == list(perm), f"expected the rows to pick {list(perm)}, got {plan.argmax(1).tolist()}"
-best_cost = float(C5[range(5), list(perm)].sum()) / 5
-assert abs(float((plan * C5).sum()) - best_cost) < 1e-6, f"expected cost {best_cost:.6f}, got {float((plan * C5).sum()):.6f}"
+# computed here with your `my_ipot` (nothing above is read)
+test_cost = torch.rand(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+test_u = torch.full((5,), 0.2, dtype=torch.float64)
+test_perm = min(itertools.permutations(range(5)), key=lambda p: float(test_cost[range(5), list(p)].sum()))
+test_plan = my_ipot(test_cost, test_u, test_u, beta=0.05, n_iters=500)
+assert test_plan.argmax(1).tolist() == list(test_perm), f"expected the rows to pick {list(test_perm)}, got {test_plan.argmax(1).tolist()}"
+best_cost = float(test_cost[range(5), list(test_perm)].sum()) / 5
+assert abs(float((test_plan * test_cost).sum()) - best_cost) < 1e-6, f"expected cost {best_cost:.6f}, got {float((test_plan * test_cost).sum()):.6f}"
 
 # %% [markdown]
 # ## 3. Codebook targets for a batch
@@ -181,15 +186,21 @@ softmax_mass = torch.softmax(-cost_matrix(features, codewords) / 0.1, dim=1).sum
 print("a plain softmax would give:", softmax_mass.numpy().round(2))
 
 # %% nbgrader={"grade": true, "grade_id": "targets_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-assert targets.shape == (32, 4), f"expected (32, 4) targets, got {tuple(targets.shape)}"
-assert torch.allclose(targets.sum(0), torch.full((4,), 8.0, dtype=torch.float64), atol=1e-6), f"expected 8 per codeword, got {targets.sum(0).tolist()}"
-assert torch.allclose(targets.sum(1), torch.ones(32, dtype=torch.float64), atol=1e-2), f"expected rows summing to 1, got {targets.sum(1)[:4].tolist()}..."
-assert softmax_mass.max() > 12, f"the softmax should crowd onto few codewords, got masses {softmax_mass.tolist()}"
+# computed here with your `my_codebook_targets`, on the same features and codewords as above
+test_gen = torch.Generator().manual_seed(2)
+test_codewords = torch.randn(4, 8, generator=test_gen, dtype=torch.float64)
+test_features = test_codewords[torch.randint(0, 2, (32,), generator=test_gen)] + 0.3 * torch.randn(32, 8, generator=test_gen, dtype=torch.float64)
+test_targets = my_codebook_targets(test_features, test_codewords)
+test_softmax_mass = torch.softmax(-cost_matrix(test_features, test_codewords) / 0.1, dim=1).sum(0)
+assert isinstance(test_targets, torch.Tensor) and test_targets.shape == (32, 4), f"expected (32, 4) targets, got {tuple(getattr(test_targets, 'shape', ()))}"
+assert torch.allclose(test_targets.sum(0), torch.full((4,), 8.0, dtype=torch.float64), atol=1e-6), f"expected 8 per codeword, got {test_targets.sum(0).tolist()}"
+assert torch.allclose(test_targets.sum(1), torch.ones(32, dtype=torch.float64), atol=1e-2), f"expected rows summing to 1, got {test_targets.sum(1)[:4].tolist()}..."
+assert test_softmax_mass.max() > 12, f"the softmax should crowd onto few codewords, got masses {test_softmax_mass.tolist()}"
 ### BEGIN HIDDEN TESTS
 from mmalign.losses import codebook_targets
 
-lib = codebook_targets(features, codewords, solver="ipot", epsilon=0.1, n_iters=50)
-mine = targets / targets.sum(1, keepdim=True)
+lib = codebook_targets(test_features, test_codewords, solver="ipot", epsilon=0.1, n_iters=50)
+mine = test_targets / test_targets.sum(1, keepdim=True)
 assert torch.allclose(mine, lib, atol=1e-8), "expected the library's (row-normalised) codebook targets"
 ### END HIDDEN TESTS
 

@@ -110,11 +110,17 @@ single = scaling.reference_check()
 print(f"2 processes: {two['loss']:.10f}   1 process: {single['loss']:.10f}")
 
 # %% nbgrader={"grade": true, "grade_id": "two_process_test", "locked": true, "points": 4, "schema_version": 3, "solution": false, "task": false}
-assert abs(two["loss"] - single["loss"]) < 1e-10, f"2 processes: expected the single-process loss {single['loss']:.10f}, got {two['loss']:.10f}"
-diff_a = float((two["grad_a"] - single["grad_a"]).abs().max())
+# run here: your function on two processes (in your notebook's process under the grader), against one process
+from mmalign.experiments import scaling
+from mmalign.labs.testing import student_side
+
+test_two = student_side(scaling.check_on_processes, my_gathered_info_nce)
+test_single = scaling.reference_check()
+assert abs(test_two["loss"] - test_single["loss"]) < 1e-10, f"2 processes: expected the single-process loss {test_single['loss']:.10f}, got {test_two['loss']:.10f}"
+diff_a = float((test_two["grad_a"] - test_single["grad_a"]).abs().max())
 assert diff_a < 1e-10, f"gradient wrt the image rows: expected the single-process gradient, max |difference| {diff_a:.3g}"
 ### BEGIN HIDDEN TESTS
-diff_b = float((two["grad_b"] - single["grad_b"]).abs().max())
+diff_b = float((test_two["grad_b"] - test_single["grad_b"]).abs().max())
 assert diff_b < 1e-10, f"gradient wrt the caption rows: expected the single-process gradient, max |difference| {diff_b:.3g}"
 ### END HIDDEN TESTS
 
