@@ -196,7 +196,9 @@ def attacked(tmp_path_factory):
     labs.write_lab(honest, subs / "honest" / "01_unit.ipynb")
     labs.write_lab(honest, victim)
     labs.write_lab(lab, subs / "untouched" / "01_unit.ipynb")
-    for name, (answers, extra, _, _) in ATTACKS.items():
+    for name, (answers, extra, _, needs_sandbox) in ATTACKS.items():
+        if needs_sandbox and not sandbox.bubblewrap():
+            continue  # outside a sandbox these routes work: they would change this very class folder
         nb = submission(lab, {"chance_impl": CHANCE_OK, "unit_impl": UNIT_OK, **answers})
         for offset, source in enumerate([constants, *extra]):
             code = labs.grading.nbformat.v4.new_code_cell(source)
@@ -275,6 +277,8 @@ def test_other_submissions_are_untouched(attacked):
 def test_suspicious_code_is_listed_for_review(attacked):
     review = attacked["review"]
     for name, why in FLAGGED.items():
+        if name not in attacked["rows"]:
+            continue
         flagged = attacked["rows"][name]["result"]["review"]
         assert any(why in f["why"] for f in flagged), (name, flagged)
         assert f"{name}/01_unit:" in review
@@ -331,10 +335,8 @@ def test_the_sandbox_hides_the_repository():
         pytest.skip("bubblewrap is not available: " + sandbox.NO_SANDBOX)
     import subprocess
     import sys
-    from pathlib import Path
-
-    workdir = Path(__file__).resolve().parents[1] / ".." / "x"
     import tempfile
+    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         env = sandbox.environment(Path(tmp), "ci")
@@ -347,6 +349,6 @@ def test_the_sandbox_hides_the_repository():
         cmd, popen_env, sandboxed = sandbox.command([sys.executable, "-I", "-c", code], Path(tmp), env)
         out = subprocess.run(cmd, env=popen_env, capture_output=True, text=True, timeout=60,
                              cwd=tmp).stdout.split("\n")
-    assert sandboxed and workdir
+    assert sandboxed
     assert "solutions" not in out[0] and "tests" not in out[0] and out[0].endswith("True False")
     assert out[1] == "True"
