@@ -103,13 +103,15 @@ def chapter8(steps: int, tokens_len: int = 16, vocab: int = 38) -> None:
         lengths = torch.randint(4, tokens_len + 1, (b,), generator=g)
         mask = torch.arange(tokens_len)[None, :] < lengths[:, None]
         labels = torch.randint(0, vocab, (b, tokens_len), generator=g).masked_fill(~mask, -100)
-        data.append((patches, tokens, mask, torch.arange(b) + i * b, labels))
+        labels = labels.masked_fill(torch.rand(b, tokens_len, generator=g) > 0.15, -100)  # BERT's 15 %
+        masked_tokens = torch.randn(b, tokens_len, 384, generator=g)  # the masked captions' states
+        data.append((patches, tokens, mask, torch.arange(b) + i * b, labels, masked_tokens))
     gen = torch.Generator().manual_seed(1)
 
     def one_step(batch) -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        model.losses(*batch, generator=gen)["total"].backward()
+        model.losses(*batch[:5], generator=gen, mlm_tokens=batch[5])["total"].backward()
         opt.step()
         model.after_step()
         return time.perf_counter() - start
@@ -128,7 +130,7 @@ def chapter8(steps: int, tokens_len: int = 16, vocab: int = 38) -> None:
         checks.set_enabled(flag)
         batch = data[i % n_batches]
         start = time.perf_counter()
-        model._check_batch(*batch, gen)
+        model._check_batch(*batch[:5], gen, batch[5])
         (boundary_on if flag else boundary_off).append(time.perf_counter() - start)
     checks.set_enabled(None)
     step_on, step_off = statistics.median(on), statistics.median(off)

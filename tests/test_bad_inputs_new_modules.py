@@ -168,7 +168,7 @@ def test_prototype_loss_takes_the_targets_and_ot_cost_loss_the_plan():
 # ------------------------------------------------------------------------ models.codis
 def tiny_codis(**kw):
     base = dict(image_dim=12, text_dim=10, width=16, heads=2, embed_dim=8, max_patches=4, max_tokens=6, queue_size=8,
-                momentum=0.9, vocab_size=5, n_codewords=4, intra=True, codebook=True)
+                momentum=0.9, vocab_size=5, n_codewords=4, intra=True, codebook=True, mlm_input="after")
     base.update(kw)
     torch.manual_seed(0)
     return Codis(CodisConfig(**base))

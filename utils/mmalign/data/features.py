@@ -157,7 +157,8 @@ def cache_e5_features(cfg: Config, progress: bool = True) -> None:
 def prepare(cfg: Config, progress: bool = True) -> None:
     """Generate the profile's scene world and cache every frozen feature the chapters read: images and
     English captions, colour-mapped depth (chapter 5), multilingual e5 captions (chapter 6), patch
-    grids and token states (chapters 7 and 8)."""
+    grids and token states (chapters 7 and 8), and the token states of BERT-masked captions (chapter 8's
+    MLM)."""
     import time
 
     for split in ("train", "val", "test"):
@@ -182,6 +183,11 @@ def prepare(cfg: Config, progress: bool = True) -> None:
         for texts in (sets["train"][0], sets["val"].texts(), sets["test"].texts()):
             e5_sequences(texts, progress=progress)
     print(f"[{cfg.profile}] chapter 7 text features in {time.perf_counter() - start:.1f} s")
+    from ..experiments.codis import cache_masked_captions  # chapter 8's MLM: captions masked before MiniLM
+
+    start = time.perf_counter()
+    cache_masked_captions(cfg, progress=progress)
+    print(f"[{cfg.profile}] chapter 8 masked captions in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,10 @@ r"""The losses of CODIS (Duan et al., 2022), built on ALBEF (Li et al., 2021) an
 * :func:`sample_hard_negatives`: ALBEF's ITM negatives, one per anchor, drawn from the softmax of the
   contrastive similarities, never a positive, robust at batch size 1 and 2;
 * :func:`codebook_targets`, :func:`prototype_loss`, :func:`ot_cost_loss`: the codebook terms
-  :math:`\mathcal{L}_{t2p}, \mathcal{L}_{i2p}, \mathcal{L}_{ot}` of the seed's :math:`\mathcal{L}_{code}`.
+  :math:`\mathcal{L}_{t2p}, \mathcal{L}_{i2p}, \mathcal{L}_{ot}` of the seed's :math:`\mathcal{L}_{code}`;
+* :func:`mlm_distill_loss`: ALBEF's masked language modelling loss with momentum distillation (the
+  teacher's MLM distribution as a soft target of weight alpha);
+* :func:`alpha_schedule`: ALBEF's ramp of alpha from 0 over the first epoch.
 
 Each is a function of embeddings and a temperature (no hidden state); logits are float32 even under
 autocast (float64 stays float64), and reductions go through ``log_softmax`` / ``logsumexp``.
@@ -24,7 +27,7 @@ from ..checks import (check_all_finite, check_choice, check_embeddings, check_id
 from ..ot import cost_matrix, ipot, sinkhorn
 
 __all__ = ["distill_contrastive_loss", "sample_hard_negatives", "codebook_targets", "prototype_loss",
-           "ot_cost_loss"]
+           "ot_cost_loss", "mlm_distill_loss", "alpha_schedule"]
 
 
 def _float(*xs):
@@ -291,3 +294,68 @@ def ot_cost_loss(features: torch.Tensor, prototypes: torch.Tensor, plan: torch.T
         raise ValueError(f"plan must be a transport plan of total mass 1 (rows summing to 1/N), got total mass "
                          f"{float(mass):.6g}{hint}")
     return (plan.detach().to(cost) * cost).sum()
+
+
+def mlm_distill_loss(logits: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.0,
+                     teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Masked language modelling with momentum distillation (ALBEF, Sec. 3.3 and its ``BertForMaskedLM``):
+
+    .. math::
+        \mathcal{L}_{mlm} = (1-\alpha)\, H\big(y, p\big) + \alpha\, H\big(\mathrm{softmax}(s^m), p\big),
+        \qquad p = \mathrm{softmax}(s),
+
+    averaged over the predicted positions (label >= 0), where :math:`s` are the student's logits,
+    :math:`s^m` the momentum teacher's at the same positions and :math:`y` the one-hot word. At
+    :math:`\alpha = 0` this is the plain cross-entropy with the hard labels.
+
+    Args:
+        logits: (N, V) student logits of N positions. labels: (N,) word indices, negative (e.g. -100)
+            where a position is not predicted.
+        alpha: weight of the teacher's soft targets in [0, 1].
+        teacher_logits: (N, V) the teacher's logits (detached inside); needed when alpha > 0.
+
+    Returns:
+        The scalar loss (0 with a graph when no position is predicted).
+    """
+    check_tensor("logits", logits, ndim=2, finite=False)
+    check_tensor("labels", labels, ndim=1, floating=False, finite=False)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer word indices (-100 where not predicted), got {labels.dtype}")
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have one entry per row of logits ({logits.shape[0]}), got {labels.shape[0]}")
+    check_probability("alpha", alpha)
+    if alpha > 0:
+        if teacher_logits is None:
+            raise ValueError("alpha > 0 needs teacher_logits, the momentum model's MLM logits at the same positions")
+        check_tensor("teacher_logits", teacher_logits, ndim=2, finite=False)
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(f"teacher_logits must have the shape of logits {tuple(logits.shape)}, got "
+                             f"{tuple(teacher_logits.shape)}")
+    keep = labels >= 0
+    if bool((labels[keep] >= logits.shape[1]).any()):
+        raise ValueError(f"labels go up to {int(labels.max())} but logits have {logits.shape[1]} classes")
+    check_all_finite(("logits", logits), ("teacher_logits", teacher_logits if alpha > 0 else None))
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        (s,) = _float(logits[keep])
+        log_p = torch.log_softmax(s, dim=1)
+        loss = F.nll_loss(log_p, labels[keep].long())
+        if alpha > 0:
+            soft = torch.softmax(teacher_logits[keep].detach().to(s), dim=1)
+            loss = (1 - alpha) * loss + alpha * -(soft * log_p).sum(1).mean()
+        return loss
+
+
+def alpha_schedule(step: int, *, alpha: float, ramp_steps: int = 0) -> float:
+    r"""ALBEF's distillation weight at optimisation step ``step`` (0-based):
+    :math:`\alpha \min(1, \mathrm{step}/\mathrm{ramp\_steps})`, so that the nearly random teacher of
+    the first steps teaches nothing; ALBEF sets ``ramp_steps`` to the steps of one epoch
+    (``alpha * min(1, i / len(data_loader))`` in epoch 0). ``ramp_steps = 0``: alpha from step 0.
+    """
+    check_int("step", step, minimum=0)
+    check_probability("alpha", alpha)
+    check_int("ramp_steps", ramp_steps, minimum=0)
+    if ramp_steps == 0:
+        return float(alpha)
+    return float(alpha) * min(1.0, step / ramp_steps)

@@ -17,9 +17,14 @@ the text predicts the codes of its image and the image those of its text (Eq. 2 
 
 To run on a CPU the towers are small transformer layers over *frozen* inputs: EfficientNet-Lite0's
 3 x 3 patch grid (N, 9, 1280) and MiniLM's token states (N, L, 384)
-(:func:`mmalign.data.features.sequence_features`). Caveat for MLM: the frozen token states were computed
-from the unmasked caption, so the neighbours of a masked position still carry its word; MLM here is
-easier than in ALBEF and mostly exercises the image-conditioned fusion.
+(:func:`mmalign.data.features.sequence_features`). MLM masks *before* the frozen text encoder, as BERT
+and ALBEF do (``mlm_input="encoder"``): :func:`bert_mask` picks 15 % of the wordpieces (80 % become
+[MASK], 10 % a random wordpiece, 10 % stay) and the masked captions are encoded by MiniLM
+(:func:`mmalign.experiments.codis.masked_captions`, cached), so no state of the caption has seen the
+hidden word. ``mlm_input="after"`` keeps the earlier shortcut for comparison: the unmasked caption's
+token states with a learned [MASK] vector put in after encoding, where the neighbours' states still
+carry the word. The MLM loss is distilled from the momentum teacher's MLM head
+(:func:`mmalign.losses.codis.mlm_distill_loss`) and alpha ramps from 0 over ``alpha_ramp_steps``.
 
 Every term is switched by :class:`CodisConfig`, so the ablation is configuration, not copies of code.
 """
@@ -35,11 +40,11 @@ from torch import nn
 
 from ..checks import (check_all_finite, check_choice, check_ids, check_int, check_mask, check_positive,
                       check_probability, check_tensor)
-from ..losses.codis import (_check_generator, codebook_targets, distill_contrastive_loss, ot_cost_loss, prototype_loss,
-                            sample_hard_negatives)
+from ..losses.codis import (_check_generator, alpha_schedule, codebook_targets, distill_contrastive_loss,
+                            mlm_distill_loss, ot_cost_loss, prototype_loss, sample_hard_negatives)
 from ..memory import MoCoQueue, MomentumEncoder
 
-__all__ = ["CodisConfig", "SequenceTower", "Towers", "FusionHead", "Codis"]
+__all__ = ["CodisConfig", "SequenceTower", "Towers", "FusionHead", "Codis", "bert_mask"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,11 @@ class CodisConfig:
 
     ``cross``/``intra``: the i2t+t2i and i2i+t2t contrastive terms; ``itm``, ``mlm``: ALBEF's fusion
     terms; ``codebook``: L_code, with plans from the ``teacher`` or ``student`` features
-    (``code_source``); ``alpha``: weight of the momentum-distillation soft targets (0 = hard labels).
+    (``code_source``), weighted by ``code_weight``; ``alpha``: weight of the momentum-distillation soft
+    targets (0 = hard labels), reached after ``alpha_ramp_steps`` optimisation steps (ALBEF: one epoch;
+    0 = from the first step); ``mlm_input``: ``"encoder"`` (the masked caption went through the frozen
+    encoder) or ``"after"`` (the [MASK] vector is put in after it: the shortcut); ``mlm_distill``: soft
+    MLM targets from the teacher's MLM head.
     """
 
     image_dim: int = 1280
@@ -69,7 +78,11 @@ class CodisConfig:
     mlm: bool = True
     vocab_size: int = 0  # MLM classes (needed when mlm)
     mask_prob: float = 0.15
+    mlm_input: str = "encoder"
+    mlm_distill: bool = True
+    alpha_ramp_steps: int = 0
     codebook: bool = False
+    code_weight: float = 1.0
     n_codewords: int = 64
     gamma: float = 0.1
     code_source: str = "teacher"
@@ -86,9 +99,11 @@ class CodisConfig:
                      "max_tokens", "queue_size", "n_codewords", "ot_iters"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("vocab_size", self.vocab_size, minimum=0)
+        check_int("alpha_ramp_steps", self.alpha_ramp_steps, minimum=0)
+        check_choice("mlm_input", self.mlm_input, ("encoder", "after"))
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be a multiple of heads ({self.heads})")
-        for name in ("temperature", "gamma", "ot_epsilon"):
+        for name in ("temperature", "gamma", "ot_epsilon", "code_weight"):
             check_positive(name, getattr(self, name))
         for name in ("momentum", "alpha", "mask_prob", "dropout"):
             check_probability(name, getattr(self, name))
@@ -98,6 +113,42 @@ class CodisConfig:
             raise ValueError("mlm=True needs vocab_size >= 2 (the number of MLM classes); or set mlm=False")
         if not (self.cross or self.intra or self.codebook):
             raise ValueError("nothing aligns the two towers: enable cross, intra or codebook")
+
+
+def bert_mask(input_ids: torch.Tensor, candidates: torch.Tensor, *, mask_token_id: int, vocab_size: int,
+              mask_prob: float = 0.15, generator: torch.Generator | None = None):
+    """BERT's masking (Devlin et al., 2019; ALBEF's ``mask``): each candidate position is selected with
+    probability ``mask_prob``; a selected position becomes ``mask_token_id`` with probability 0.8, a
+    random token in ``[0, vocab_size)`` with 0.1, and stays itself with 0.1. The labels are the original
+    ids at the selected positions and -100 elsewhere.
+
+    Args:
+        input_ids: (N, L) integer token ids. candidates: (N, L) bool, True where a token may be
+            masked (not [CLS], [SEP] or padding).
+        mask_token_id: the [MASK] id. vocab_size: the tokenizer's size (random replacements).
+        mask_prob: the selection probability (0.15). generator: a torch.Generator (CPU) for the draws.
+
+    Returns:
+        ``(masked_ids (N, L), labels (N, L) with -100 where not selected, selected (N, L) bool)``.
+    """
+    check_tensor("input_ids", input_ids, ndim=2, floating=False)
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    candidates = check_mask("candidates", candidates, tuple(input_ids.shape), device=input_ids.device)
+    check_int("mask_token_id", mask_token_id, minimum=0)
+    check_int("vocab_size", vocab_size, minimum=1)
+    check_probability("mask_prob", mask_prob)
+    _check_generator(generator)
+    shape = input_ids.shape
+    u = torch.rand((3,) + tuple(shape), generator=generator).to(input_ids.device)
+    selected = candidates & (u[0] < mask_prob)
+    to_mask = selected & (u[1] < 0.8)
+    to_random = selected & ~to_mask & (u[2] < 0.5)
+    random_ids = torch.randint(vocab_size, tuple(shape), generator=generator).to(input_ids.device)
+    masked = input_ids.masked_fill(to_mask, mask_token_id)
+    masked = torch.where(to_random, random_ids.to(input_ids.dtype), masked)
+    labels = input_ids.long().masked_fill(~selected, -100)
+    return masked, labels, selected
 
 
 class SequenceTower(nn.Module):
@@ -173,7 +224,8 @@ class Codis(nn.Module):
     """The student towers, their momentum teacher, the fusion head, the codebook and the two queues.
 
     ``losses(batch)`` returns the dictionary of switched-on terms; ``after_step()`` updates the teacher
-    (EMA) and enqueues its features. ``stateful()`` gives the queues for checkpoints.
+    (EMA), enqueues its features and counts the step (the buffer ``steps``, which drives the alpha ramp
+    and is checkpointed with the model). ``stateful()`` gives the queues for checkpoints.
     """
 
     def __init__(self, cfg: CodisConfig):
@@ -182,6 +234,9 @@ class Codis(nn.Module):
         self.towers = Towers(cfg)
         self.teacher = MomentumEncoder(self.towers, cfg.momentum)
         self.fusion = FusionHead(cfg)
+        # ALBEF's momentum model holds the fusion encoder and MLM head too: the soft MLM targets
+        self.teacher_fusion = MomentumEncoder(self.fusion, cfg.momentum) if cfg.mlm and cfg.mlm_distill else None
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimisation steps done (alpha ramp)
         self.codebook = nn.Parameter(F.normalize(torch.randn(cfg.n_codewords, cfg.embed_dim), dim=-1))
         self.queue_image = MoCoQueue(cfg.queue_size, cfg.embed_dim)
         self.queue_text = MoCoQueue(cfg.queue_size, cfg.embed_dim)
@@ -265,18 +320,45 @@ class Codis(nn.Module):
         logits = self.fusion.itm(fused[:, 0]).float()
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
 
-    def _mlm(self, hv, tokens, token_mask, mlm_labels, generator):
-        cand = mlm_labels >= 0
-        u = torch.rand(cand.shape, generator=generator, device=generator.device if generator else cand.device)
-        masked = cand & (u.to(cand.device) < self.cfg.mask_prob)
-        if not bool(masked.any()):
-            return hv.sum() * 0.0
-        ht_m, _ = self.towers.text(tokens, token_mask, masked=masked)
-        fused = self.fusion(ht_m, hv)[:, 1:]
-        logits = self.fusion.mlm(fused[masked]).float()
-        return F.cross_entropy(logits, mlm_labels[masked])
+    def alpha(self) -> float:
+        """The distillation weight of the next step: ``cfg.alpha`` ramped over ``cfg.alpha_ramp_steps``."""
+        return alpha_schedule(int(self.steps), alpha=self.cfg.alpha, ramp_steps=self.cfg.alpha_ramp_steps)
 
-    def _check_batch(self, patches, tokens, token_mask, ids, mlm_labels, generator):
+    def mlm_logits(self, image_states: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                   masked: torch.Tensor | None = None, teacher: bool = False) -> torch.Tensor:
+        """MLM logits (B, L, vocab) of every caption position, conditioned on the image states (B, 1 + P, width).
+
+        ``tokens`` are the masked captions' frozen states (``mlm_input="encoder"``), or the unmasked ones
+        with ``masked`` (B, L) marking where the learned [MASK] vector replaces them (``"after"``).
+        ``teacher=True`` runs the momentum copies (no graph)."""
+        towers = self.teacher.module if teacher else self.towers
+        fusion = self.teacher_fusion.module if teacher else self.fusion
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not teacher):
+            ht, _ = towers.text(tokens, token_mask, masked=masked)
+            return fusion.mlm(fusion(ht, image_states)[:, 1:]).float()
+
+    def _mlm(self, hv, hv_m, tokens, token_mask, mlm_labels, mlm_tokens, generator, alpha):
+        cfg = self.cfg
+        if cfg.mlm_input == "after":  # the shortcut: draw the masks here, insert [MASK] after encoding
+            cand = mlm_labels >= 0
+            u = torch.rand(cand.shape, generator=generator, device=generator.device if generator else cand.device)
+            masked = cand & (u.to(cand.device) < cfg.mask_prob)
+            labels, inputs = mlm_labels.masked_fill(~masked, -100), tokens
+        else:
+            masked, labels, inputs = None, mlm_labels, mlm_tokens
+        sel = labels >= 0
+        if not bool(sel.any()):
+            return hv.sum() * 0.0, None
+        logits = self.mlm_logits(hv, inputs, token_mask, masked)[sel]
+        teacher_logits = None
+        if self.teacher_fusion is not None and alpha > 0:
+            with torch.no_grad():
+                teacher_logits = self.mlm_logits(hv_m, inputs, token_mask, masked, teacher=True)[sel]
+        loss = mlm_distill_loss(logits, labels[sel], alpha=alpha if teacher_logits is not None else 0.0,
+                                teacher_logits=teacher_logits)
+        return loss, (logits.detach().argmax(1) == labels[sel]).float().mean()
+
+    def _check_batch(self, patches, tokens, token_mask, ids, mlm_labels, generator, mlm_tokens=None):
         """The inputs of :meth:`losses`, checked; returns (bool mask, LongTensor ids, LongTensor labels or None)."""
         self._check_patches(patches, finite=False)
         token_mask = self._check_tokens(tokens, token_mask, finite=False)
@@ -303,14 +385,31 @@ class Codis(nn.Module):
                                      f"classes (0..{self.cfg.vocab_size - 1}); build it with CodisConfig(vocab_size="
                                      f"{top + 1}) or mark tokens outside the vocabulary with -100")
             mlm_labels = mlm_labels.long()
+            if self.cfg.mlm and self.cfg.mlm_input == "encoder":
+                if mlm_tokens is None:
+                    raise ValueError("mlm_input='encoder' needs mlm_tokens, the frozen states of the masked captions "
+                                     "(mmalign.experiments.codis.masked_captions), with mlm_labels at their masked "
+                                     "positions; or build the model with mlm_input='after'")
+                check_tensor("mlm_tokens", mlm_tokens, ndim=3, finite=False)
+                if tuple(mlm_tokens.shape) != tuple(tokens.shape):
+                    raise ValueError(f"mlm_tokens (the masked captions' states) must have the shape of tokens "
+                                     f"{tuple(tokens.shape)}, got {tuple(mlm_tokens.shape)}")
+                self._check_device("mlm_tokens", mlm_tokens)
         _check_generator(generator)
-        check_all_finite(("patches", patches), ("tokens", tokens))
+        check_all_finite(("patches", patches), ("tokens", tokens),
+                         ("mlm_tokens", mlm_tokens if mlm_labels is not None else None))
         return token_mask, ids, mlm_labels
 
     def losses(self, patches: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, ids: torch.Tensor,
-               mlm_labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
+               mlm_labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               mlm_tokens: torch.Tensor | None = None) -> dict:
         """The switched-on terms for one batch of B pairs (image patches (B, P, D_v), caption tokens
         (B, L, D_t) with mask (B, L), item ids (B,), MLM labels (B, L) with -100 where not predicted).
+
+        MLM with ``mlm_input="encoder"``: ``mlm_tokens`` (B, L, D_t) are the frozen states of the masked
+        captions (same mask) and ``mlm_labels`` the words at their masked positions (:func:`bert_mask`);
+        with ``"after"``, ``mlm_labels`` holds every maskable word and the masks are drawn here.
+        Distillation weights (ITC and MLM) follow :meth:`alpha` (the ramp).
 
         Every input is checked first (the policy of :mod:`mmalign.checks`): widths ``image_dim`` /
         ``text_dim``, at most ``max_patches`` / ``max_tokens`` positions, one row per pair in each, a
@@ -319,10 +418,12 @@ class Codis(nn.Module):
         patches and tokens finite (the scan that ``mmalign.checks.disabled()`` switches off).
 
         Returns ``{term: scalar}`` with keys among ``itc`` (i2t + t2i)/2, ``intra`` (i2i + t2t)/2,
-        ``itm``, ``mlm``, ``code`` (L_ot + L_t2p + L_i2p) and ``total`` (their sum); ``itm_acc`` too.
+        ``itm``, ``mlm``, ``code`` (``code_weight`` x (L_ot + L_t2p + L_i2p)) and ``total`` (their sum);
+        ``itm_acc`` and ``mlm_acc`` (accuracies, not in the total) too.
         """
         cfg = self.cfg
-        token_mask, ids, mlm_labels = self._check_batch(patches, tokens, token_mask, ids, mlm_labels, generator)
+        token_mask, ids, mlm_labels = self._check_batch(patches, tokens, token_mask, ids, mlm_labels, generator,
+                                                        mlm_tokens)
         b = len(ids)
         if b > cfg.queue_size:
             raise ValueError(
@@ -331,10 +432,11 @@ class Codis(nn.Module):
             )
         hv, zv, ht, zt = self.towers(patches, tokens, token_mask)
         with torch.no_grad():
-            _, kv, _, kt = self.teacher(patches, tokens, token_mask)
+            hv_m, kv, _, kt = self.teacher(patches, tokens, token_mask)
         qv, qv_ids, qt, qt_ids = self.queue_image.keys, self.queue_image.ids, self.queue_text.keys, self.queue_text.ids
         out = {}
-        settings = {"temperature": cfg.temperature, "alpha": cfg.alpha}
+        alpha = self.alpha()
+        settings = {"temperature": cfg.temperature, "alpha": alpha}
         if cfg.cross:
             out["itc"] = 0.5 * (distill_contrastive_loss(zv, kt, ids=(ids, qt_ids), queue=qt, q_teacher=kv, **settings)
                                 + distill_contrastive_loss(zt, kv, ids=(ids, qv_ids), queue=qv, q_teacher=kt, **settings))
@@ -344,7 +446,9 @@ class Codis(nn.Module):
         if cfg.itm:
             out["itm"], out["itm_acc"] = self._itm(hv, ht, zv, zt, ids, generator)
         if cfg.mlm and mlm_labels is not None:
-            out["mlm"] = self._mlm(hv, tokens, token_mask, mlm_labels, generator)
+            out["mlm"], mlm_acc = self._mlm(hv, hv_m, tokens, token_mask, mlm_labels, mlm_tokens, generator, alpha)
+            if mlm_acc is not None:
+                out["mlm_acc"] = mlm_acc
         if cfg.codebook:
             fv, ft = (kv, kt) if cfg.code_source == "teacher" else (zv.detach(), zt.detach())
             t_v = codebook_targets(fv, self.codebook, solver=cfg.ot_solver, epsilon=cfg.ot_epsilon,
@@ -352,9 +456,9 @@ class Codis(nn.Module):
             t_t = codebook_targets(ft, self.codebook, solver=cfg.ot_solver, epsilon=cfg.ot_epsilon,
                                    n_iters=cfg.ot_iters)  # T_t2p
             l_ot = ot_cost_loss(fv, self.codebook, t_v / b) + ot_cost_loss(ft, self.codebook, t_t / b)
-            out["code"] = (l_ot + prototype_loss(zt, self.codebook, t_v, gamma=cfg.gamma)
-                           + prototype_loss(zv, self.codebook, t_t, gamma=cfg.gamma))
-        out["total"] = sum(v for k, v in out.items() if k != "itm_acc")
+            out["code"] = cfg.code_weight * (l_ot + prototype_loss(zt, self.codebook, t_v, gamma=cfg.gamma)
+                                             + prototype_loss(zv, self.codebook, t_t, gamma=cfg.gamma))
+        out["total"] = sum(v for k, v in out.items() if not k.endswith("_acc"))
         self._pending = (kv.detach(), kt.detach(), ids.detach())
         return out
 
@@ -362,6 +466,9 @@ class Codis(nn.Module):
     def after_step(self) -> None:
         """EMA update of the teacher, then enqueue the teacher features of the last :meth:`losses` call."""
         self.teacher.update(self.towers)
+        if self.teacher_fusion is not None:
+            self.teacher_fusion.update(self.fusion)
+        self.steps += 1
         if self._pending is not None:
             kv, kt, ids = self._pending
             self.queue_image.enqueue(kv, ids)
