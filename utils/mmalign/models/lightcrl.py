@@ -95,6 +95,26 @@ def masked_mean(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (y * w).sum(1) / w.sum(1)
 
 
+def prepare_tokens(x: torch.Tensor, modality: str, mask, input_dims: Mapping[str, int]):
+    """Check a modality's tokens and mask: (B, L, D_m) or (B, D_m) (a sequence of one), (B, L) bool or None
+    (all real) -> (x (B, L, D_m), mask (B, L) bool with a real token in every row)."""
+    check_choice("modality", modality, tuple(input_dims))
+    check_tensor("x", x, ndim=(2, 3))
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    dim = input_dims[modality]
+    if x.shape[-1] != dim:
+        raise ValueError(f"x has {x.shape[-1]} features per token but modality {modality!r} was declared "
+                         f"with {dim} (input_dims={dict(input_dims)}); pass that modality's features")
+    if mask is None:
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    mask = check_mask("mask", mask, tuple(x.shape[:2]), device=x.device)
+    if not bool(mask.any(1).all()):
+        row = int((~mask.any(1)).nonzero()[0, 0])
+        raise ValueError(f"mask row {row} has no real token (all False); every item needs at least one")
+    return x, mask
+
+
 class TokenProjectionHead(nn.Module):
     """The seed's projection head of one frozen encoder, on every token: Linear, GELU, Linear, Dropout, LayerNorm.
 
@@ -194,22 +214,7 @@ class DeepFusionEncoder(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, x: torch.Tensor, modality: str, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        check_choice("modality", modality, self.modalities)
-        check_tensor("x", x, ndim=(2, 3))
-        if x.dim() == 2:
-            x = x.unsqueeze(1)
-        dim = self.input_dims[modality]
-        if x.shape[-1] != dim:
-            raise ValueError(f"x has {x.shape[-1]} features per token but modality {modality!r} was declared "
-                             f"with {dim} (input_dims={self.input_dims}); pass that modality's features")
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        else:
-            mask = check_mask("mask", mask, tuple(x.shape[:2]), device=x.device)
-            if not bool(mask.any(1).all()):
-                row = int((~mask.any(1)).nonzero()[0, 0])
-                raise ValueError(f"mask row {row} has no real token (all False); every item needs at least one")
-        return x, mask
+        return prepare_tokens(x, modality, mask, self.input_dims)
 
     def tokens(self, x: torch.Tensor, modality: str, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The modality's tokens through its projection head: (B, L, d), and the bool mask (B, L)."""

@@ -18,8 +18,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ..checks import check_choice, check_int, check_mask, check_tensor
-from .lightcrl import ATTENTION_FUSIONS, FUSIONS, masked_softmax
+from ..checks import check_choice, check_int
+from .lightcrl import ATTENTION_FUSIONS, FUSIONS, masked_softmax, prepare_tokens
 
 
 class PooledFusionEncoder(nn.Module):
@@ -96,22 +96,7 @@ class PooledFusionEncoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _prepare(self, x: torch.Tensor, modality: str, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        check_choice("modality", modality, self.modalities)
-        check_tensor("x", x, ndim=(2, 3))
-        if x.dim() == 2:
-            x = x.unsqueeze(1)
-        dim = self.input_dims[modality]
-        if x.shape[-1] != dim:
-            raise ValueError(f"x has {x.shape[-1]} features per token but modality {modality!r} was declared "
-                             f"with {dim} (input_dims={self.input_dims}); pass that modality's features")
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        else:
-            mask = check_mask("mask", mask, tuple(x.shape[:2]), device=x.device)
-            if not bool(mask.any(1).all()):
-                row = int((~mask.any(1)).nonzero()[0, 0])
-                raise ValueError(f"mask row {row} has no real token (all False); every item needs at least one")
-        return x, mask
+        return prepare_tokens(x, modality, mask, self.input_dims)
 
     def tokens(self, x: torch.Tensor, modality: str, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised and adapted tokens H (B, L, d) and the bool mask (B, L)."""
