@@ -1,8 +1,8 @@
 """Several seeds for a reference table: which seeds a profile runs, and mean / spread of per-seed tables.
 
-The rule of CONTRIBUTING.md: where two variants differ by less than their spread, the full profile runs
-several seeds and the chapter shows mean and spread. A chapter's ``run`` trains its table once per seed of
-:func:`seeds_for` and summarises with :func:`summarize`::
+The rule of CONTRIBUTING.md: where two variants may differ by little, the full profile runs several seeds
+(the same seeds for every variant) and the chapter shows mean and spread. A chapter's ``run`` trains its
+table once per seed of :func:`seeds_for` and summarises with :func:`summarize`::
 
     per_seed = {seed: table_for(seed) for seed in seeds_for(cfg)}     # {seed: {row: {column: value}}}
     out = summarize(per_seed)   # {"seeds": [...], "table": mean, "std": ..., "per_seed": {...}}
@@ -84,14 +84,6 @@ def summarize(per_seed: dict[int, dict]) -> dict:
     tables = [per_seed[s] for s in seeds]
     return {"seeds": seeds, "table": _combine(tables, "mean"), "std": _combine(tables, "std"),
             "per_seed": {str(s): per_seed[s] for s in seeds}}
-
-
-def no_measured_difference(mean_a: float, std_a: float, mean_b: float, std_b: float) -> bool:
-    """Deprecated spread rule (unpaired): True when two means differ by less than the larger std.
-
-    Kept only for chapters not yet moved to :func:`paired_difference`, the course's one rule.
-    """
-    return abs(mean_a - mean_b) < max(std_a, std_b)
 
 
 @dataclass(frozen=True)
