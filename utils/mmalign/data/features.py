@@ -197,10 +197,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--profile", default=None, help="ci | full | gpu (default: MMALIGN_PROFILE or ci)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (the encoders show one by default)")
     args = parser.parse_args(argv)
     cfg = load_config(args.profile).replace(num_threads=None)
     torch.set_num_threads(os.cpu_count() or 1)  # rendering and the rest; encoding pins its own count
-    prepare(cfg, progress=False)
+    prepare(cfg, progress=not args.quiet)
 
 
 if __name__ == "__main__":
