@@ -329,3 +329,33 @@ def test_cuda():
     key.update(online)
     sim = torch.rand(6, 6, device="cuda")
     assert HardNegativeMemory.select_violators(sim, k=2).is_cuda
+
+
+def test_moco_loss_with_a_learned_temperature_and_masked_queue_entries_has_finite_gradients():
+    """A queue entry of the query's own item is masked to -inf; dividing the masked logits by a learned
+    temperature gave its gradient 0 * inf = NaN. The loss and every gradient must match a loop."""
+    import math
+
+    from mmalign.losses import moco_loss
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    queue = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    q_ids, queue_ids = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 9, 2, 2, 7])
+    log_t = torch.tensor(math.log(0.1), dtype=torch.float64, requires_grad=True)
+    loss = moco_loss(q, k, queue, temperature=log_t.exp(), ids=(q_ids, queue_ids))
+    loss.backward()
+    assert torch.isfinite(log_t.grad) and torch.isfinite(q.grad).all()
+    qn, kn, un = (torch.nn.functional.normalize(x.detach(), dim=1) for x in (q, k, queue))
+    t = 0.1
+    expected = 0.0
+    for i in range(4):
+        logits = [float(qn[i] @ kn[i]) / t] + [float(qn[i] @ un[j]) / t for j in range(5) if queue_ids[j] != q_ids[i]]
+        top = max(logits)
+        expected += (top + math.log(sum(math.exp(x - top) for x in logits)) - logits[0]) / 4
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    # the temperature's gradient against central differences of the same loss
+    f = lambda lt: float(moco_loss(q.detach(), k, queue, temperature=math.exp(lt), ids=(q_ids, queue_ids)))  # noqa: E731
+    h = 1e-6
+    assert float(log_t.grad) == pytest.approx((f(math.log(0.1) + h) - f(math.log(0.1) - h)) / (2 * h), rel=1e-5)

@@ -77,10 +77,11 @@ def moco_loss(
         queue_keys = F.normalize(queue_keys.detach().to(q.device, dtype), dim=-1)
         l_pos = (q * k_pos).sum(dim=1, keepdim=True)  # (N, 1)
         l_neg = q @ queue_keys.T  # (N, K)
-        if ids is not None:
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        if ids is not None:  # mask after dividing: -inf / tau would give a learned tau a NaN gradient
             q_ids, queue_ids = check_id_pair(ids, q.shape[0], queue_keys.shape[0], device=q.device,
                                              sides=("q", "the queue"))
-            l_neg = l_neg.masked_fill(q_ids[:, None] == queue_ids[None, :], float("-inf"))
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+            same = torch.cat([torch.zeros_like(q_ids[:, None], dtype=torch.bool), q_ids[:, None] == queue_ids[None, :]], 1)
+            logits = logits.masked_fill(same, float("-inf"))
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, target)
