@@ -319,7 +319,7 @@ def gathered_siglip_loss(a: torch.Tensor, b: torch.Tensor, *, temperature: float
     rank computes the n x W*n block of its own rows and nothing is lost: the paper (Zhai et al., 2023)
     passes the caption chunks around the devices for the same blocks; here they are gathered
     (differentiably, :func:`all_gather`). Returns W times this rank's part of the global loss
-    :math:`-rac{1}{Wn}\sum_{i,j}\log\sigma(z_{ij}(s_{ij}/	au + b))`, so the mean over ranks is the
+    :math:`-\frac{1}{Wn}\sum_{i,j}\log\sigma(z_{ij}(s_{ij}/\tau + b))`, so the mean over ranks is the
     single-process loss of the whole batch and the gradients averaged over ranks (DDP) are its
     gradients, including those of a learned temperature and bias.
 

@@ -491,7 +491,7 @@ def codeword_words(model: Codis, split: CodisData, top: int = 4, min_count: int 
 
 
 def mutual_information(x, y) -> float:
-    """Mutual information (bits) between two paired sequences of labels, from their contingency table:
+    r"""Mutual information (bits) between two paired sequences of labels, from their contingency table:
     :math:`I = \sum_{x,y} p(x,y) \log_2 \frac{p(x,y)}{p(x)p(y)}` (the plug-in estimate; it is biased up
     on few samples, so compare it with the same estimate on shuffled labels)."""
     x, y = list(x), list(y)

@@ -19,7 +19,12 @@ states :math:`X \in \mathbb{R}^{L \times D_m}` and a mask :math:`M` (True at rea
 * :math:`\gamma_m` is a small learnable **context** per modality (3 numbers); one **shared** context MLP
   (:math:`3 \to 64 \to 128 \to d`, ReLU, LayerNorm; for concatenation :math:`3 \to 10`, LayerNorm) turns it
   into the context vector :math:`c_m`.
-* the fusion acts **per token** (the six of the seed):
+* the fusion acts **per token** (the six of the seed, in the table below);
+* then one shared ``nn.TransformerEncoderLayer`` (``heads`` heads, post-norm, ReLU, dropout; no positional
+  encoding, as in the seed) on the LayerNorm of the fused sequence, with a residual, and the mean over
+  the real tokens.
+
+The six fusions:
 
 ========  ==========================  ==========================================================================
 name      seed label                  :math:`h_l = \mathrm{fuse}(x, c)_l`
@@ -32,11 +37,8 @@ general   DFE-5 general attention     :math:`x_l + \sum_k a_k x_k`, :math:`e_k =
 dot       DFE-6 scaled dot product    :math:`x_l + \sum_k a_k W_v x_k`, :math:`e_k = (W_q c)^\top (W_k x_k)/\sqrt d` (Vaswani et al., 2017)
 ========  ==========================  ==========================================================================
 
-  with :math:`a = \mathrm{softmax}(e)` over the real tokens only: in the attention fusions the context is
-  the **query**, the tokens are keys and values, and the attended vector is added to every token.
-* then one shared ``nn.TransformerEncoderLayer`` (``heads`` heads, post-norm, ReLU, dropout; no positional
-  encoding, as in the seed) on the LayerNorm of the fused sequence, with a residual, and the mean over
-  the real tokens.
+with :math:`a = \mathrm{softmax}(e)` over the real tokens only: in the attention fusions the context is
+the **query**, the tokens are keys and values, and the attended vector is added to every token.
 
 Loss (:attr:`DeepFusionEncoder.temperature`): the seed learns :math:`t` and scales cosines by
 :math:`e^{t}`, clamped to :math:`t \in [0.01, 20]` (:class:`~mmalign.models.temperature.LearnableTemperature`
