@@ -119,18 +119,23 @@ _DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.in
 _MAX_DIMS = 8
 
 
+def _shapes_on_every_rank(x: torch.Tensor) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, dtype code) of ``x`` on every rank, in rank order: one small all-gather."""
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    device = x.device if td.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
+    mine = torch.tensor([x.dim(), code, *x.shape, *[0] * (_MAX_DIMS - x.dim())], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world_size())]
+    td.all_gather(parts, mine)
+    return [(tuple(int(v) for v in t[2:2 + int(t[0])]), int(t[1])) for t in parts]
+
+
 def _check_same_size(x: torch.Tensor) -> None:
     """Every rank passes the same shape and dtype (one small all-gather of shape and dtype code), or
     every rank raises a ValueError that lists what each rank passed (instead of a hang or an abort
     inside the collective when the widths or dtypes differ)."""
     if x.dim() > _MAX_DIMS:
         raise ValueError(f"all_gather takes tensors of at most {_MAX_DIMS} dimensions, got shape {tuple(x.shape)}")
-    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
-    device = x.device if td.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
-    mine = torch.tensor([x.dim(), code, *x.shape, *[0] * (_MAX_DIMS - x.dim())], dtype=torch.long, device=device)
-    parts = [torch.empty_like(mine) for _ in range(world_size())]
-    td.all_gather(parts, mine)
-    seen = [(tuple(int(v) for v in t[2:2 + int(t[0])]), int(t[1])) for t in parts]
+    seen = _shapes_on_every_rank(x)
     if len({shape for shape, _ in seen}) > 1 and len({shape[1:] for shape, _ in seen}) == 1:
         raise ValueError(f"all_gather needs the same number of rows on every rank, got {[s_[0] for s_, _ in seen]} "
                          "per rank; shard the batch evenly (fit does: the global batch size must be divisible by "
@@ -202,12 +207,7 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
         return x
     if x.dim() == 0 or x.dim() > _MAX_DIMS:
         raise ValueError(f"all_gather_rows takes tensors of 1 to {_MAX_DIMS} dimensions, got shape {tuple(x.shape)}")
-    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
-    device = x.device if td.get_backend() != "nccl" else torch.device("cuda", torch.cuda.current_device())
-    mine = torch.tensor([x.dim(), code, *x.shape, *[0] * (_MAX_DIMS - x.dim())], dtype=torch.long, device=device)
-    parts = [torch.empty_like(mine) for _ in range(world_size())]
-    td.all_gather(parts, mine)
-    seen = [(tuple(int(v) for v in t[2:2 + int(t[0])]), int(t[1])) for t in parts]
+    seen = _shapes_on_every_rank(x)
     if len({(shape[1:], c) for shape, c in seen}) > 1:
         raise ValueError("all_gather_rows needs the same trailing shape and dtype on every rank, got "
                          + ", ".join(f"rank {r}: {shape} dtype code {c}" for r, (shape, c) in enumerate(seen)))
