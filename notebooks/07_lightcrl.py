@@ -642,6 +642,7 @@ assert all(verdict("zero_shot", n).verdict == "no measured difference" for n in 
 assert min(ti_mean["zero_shot"][n]["1"] for n in [BASE] + dfes) > 90
 # linear probe and the seed's fine-tuning: within 2 points of the baseline, never measured below it
 assert all(verdict("linear_probe", n).verdict != "lower" and -1 < verdict("linear_probe", n).mean < 2 for n in dfes)
+assert any(verdict("linear_probe", n).verdict == "higher" for n in dfes)  # "some measured slightly above it"
 assert all(verdict("fine_tuning_seed", n).verdict == "no measured difference" and abs(verdict("fine_tuning_seed", n).mean) < 2
            for n in ti_mean["fine_tuning_seed"] if n != BASE)
 # our fine-tuning: more than 10 points, above the position-blind ceiling; the baseline stays near it
