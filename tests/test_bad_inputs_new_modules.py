@@ -165,6 +165,26 @@ def test_prototype_loss_takes_the_targets_and_ot_cost_loss_the_plan():
     assert float(ot_cost_loss(FEAT, PROTOS, TARGETS / 4)) == pytest.approx(float((TARGETS / 4 * cost_matrix(FEAT, PROTOS)).sum()))
 
 
+def test_value_scans_are_off_under_checks_disabled():
+    """The element-wise value checks (rows sum to 1, plan mass, label range) are scans like the finiteness
+    check: off under checks.disabled(), so a hot loop pays no host sync; the numbers are the formula's."""
+    from mmalign import checks
+    from mmalign.losses.codis import mlm_distill_loss
+    plan = TARGETS / 4
+    with pytest.raises(ValueError, match="rows sum to 1/N"):
+        prototype_loss(FEAT, PROTOS, plan)
+    with pytest.raises(ValueError, match="total mass"):
+        ot_cost_loss(FEAT, PROTOS, TARGETS)
+    logits, labels = rand(3, 4), torch.tensor([0, 9, -100])
+    with pytest.raises(ValueError, match="labels go up to 9"):
+        mlm_distill_loss(logits, labels)
+    with checks.disabled():
+        assert torch.allclose(prototype_loss(FEAT, PROTOS, plan), prototype_loss(FEAT, PROTOS, TARGETS) / 4)
+        assert torch.allclose(ot_cost_loss(FEAT, PROTOS, TARGETS), (TARGETS * cost_matrix(FEAT, PROTOS)).sum())
+        ok = torch.tensor([0, 2, -100])
+        assert torch.equal(mlm_distill_loss(logits, ok), torch.nn.functional.cross_entropy(logits[:2], ok[:2]))
+
+
 # ------------------------------------------------------------------------ models.codis
 def tiny_codis(**kw):
     base = dict(image_dim=12, text_dim=10, width=16, heads=2, embed_dim=8, max_patches=4, max_tokens=6, queue_size=8,

@@ -13,7 +13,9 @@ The rules:
       with mmalign.checks.disabled():      # or MMALIGN_CHECKS=0 in the environment
           loss = info_nce(a, b)
 
-  Only the finiteness scan is switched off; structural checks stay on. On chapter 2's training loop
+  Only the element-wise scans are switched off (finiteness, and the few value checks that read every
+  element: rows of codebook targets summing to 1, a plan's mass, labels below the vocabulary size);
+  structural checks stay on. On chapter 2's training loop
   the scans cost under 2 % of a step (0.1-0.9 % per loss of the zoo on CPU, measured with
   ``benchmarks/check_overhead.py``): a scan is one sum per tensor and one host sync per call
   (``check_all_finite`` fuses the tensors of a call); only when the sum is not finite does an
