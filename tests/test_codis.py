@@ -276,6 +276,32 @@ def test_train_codis_is_seeded_and_evaluates():
     assert 0 <= mlm_accuracy(model, data) <= 100
 
 
+def test_run_groups_pool_equals_one_by_one_and_keeps_seed_order():
+    """All groups in one pool of 2 workers, the longest runs first: every run's numbers equal the
+    one-by-one run's, the runs stay in the order of the seeds, and the timing covers each group."""
+    from mmalign.config import load_config
+    from mmalign.experiments.codis import run_groups, run_rows
+
+    data = _synthetic_split()
+    cfg = load_config("ci")
+    budget = {"width": 16, "layers": 1, "heads": 2, "embed_dim": 8, "queue_size": 16, "momentum": 0.9, "alpha": 0.4,
+              "n_codewords": 4, "batch_size": 8, "epochs": 1, "lr": 1e-2}
+    dims = {"image_dim": 12, "text_dim": 10}
+    groups = {"one epoch": {"a": {**dims, "intra": False}, "b + code": {**dims, "intra": True, "codebook": True}},
+              "longer": {"b, noisy": {"switches": {**dims, "intra": True}, "noise": 0.25, "epochs": 2}}}
+    pooled, timing = run_groups(groups, data, data, cfg, budget, seeds=(0, 1), progress=False, workers=2)
+    alone, _ = run_groups(groups, data, data, cfg, budget, seeds=(0, 1), progress=False, workers=1)
+    for g in groups:
+        for row in groups[g]:
+            assert pooled[g][row]["runs"] == alone[g][row]["runs"], (g, row)
+            assert pooled[g][row]["runs"][0] != pooled[g][row]["runs"][1], "two seeds, two different runs"
+    seed1 = run_rows({"a": groups["one epoch"]["a"]}, data, data, cfg, budget, seeds=(1,), progress=False)
+    assert seed1["a"]["runs"][0] == pooled["one epoch"]["a"]["runs"][1], "runs are stored in the order of the seeds"
+    assert "pair_agree" in pooled["one epoch"]["b + code"]["mean"] and "pair_agree" not in pooled["one epoch"]["a"]["mean"]
+    assert timing["one epoch"]["runs"] == 4 and timing["longer"]["runs"] == 2 and timing["workers"] == 2
+    assert all(timing[g]["wall"] > 0 and timing[g]["cpu"] > 0 for g in groups) and timing["cpu"] > 0
+
+
 def test_distill_loss_ids_with_and_without_a_queue():
     g = torch.Generator().manual_seed(5)
     q, k, queue = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(2, 3, generator=g)
