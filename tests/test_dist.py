@@ -400,6 +400,35 @@ def test_lamb_in_place_step_is_bit_identical_to_the_written_out_formula(bias_cor
         assert torch.equal(p.detach(), ref), f"step {t}: max |diff| {float((p.detach() - ref).abs().max())}"
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_lamb_scratch_buffers_shared_by_parameters_of_several_shapes_and_dtypes(bias_correction):
+    """The scratch buffers are views of one buffer per (device, dtype), reused by every parameter and step:
+    each parameter still gets exactly the step it gets alone, and a larger parameter grows the buffer."""
+    from mmalign.optim import LAMB
+
+    def params():
+        torch.manual_seed(1)
+        return [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64)),
+                torch.nn.Parameter(torch.randn(9, 7)), torch.nn.Parameter(torch.randn(2))]
+
+    together, alone = params(), params()
+    opt = LAMB(together, lr=1e-2, weight_decay=0.05, bias_correction=bias_correction)
+    opts = [LAMB([q], lr=1e-2, weight_decay=0.05, bias_correction=bias_correction) for q in alone]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for a, b in zip(together, alone):
+            a.grad = torch.randn(a.shape, generator=g, dtype=a.dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+        for a, b in zip(together, alone):
+            assert torch.equal(a.detach(), b.detach())
+    sizes = {key[1]: buf.shape for key, buf in opt._scratch.items()}
+    assert sizes == {torch.float32: (2, 63), torch.float64: (2, 30)}  # the largest of each dtype
+    assert "_scratch" not in str(opt.state_dict())  # never saved
+
+
 def test_queue_slice_writes_equal_the_modulo_index_writes():
     from mmalign.memory import MoCoQueue
 
