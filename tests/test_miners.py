@@ -120,6 +120,56 @@ def test_semi_hard_matches_loop(seed, k, fallback, margin):
     assert ni.tolist() == ri and nt.tolist() == rt
 
 
+def ref_all_semi_hard(sim, img_ids, txt_ids, margin, fallback, p_img, p_txt):
+    """Every semi-hard negative per anchor, in index order (the hardest one when there is none and
+    fallback='hardest'), padded with -1 to the widest row. Plain Python."""
+    def rows(S, a_ids, b_ids, pos):
+        out = []
+        for a in range(len(S)):
+            sp = S[a][pos[a]]
+            neg = [j for j in range(len(S[a])) if a_ids[a] != b_ids[j]]
+            semi = [j for j in neg if sp - margin < S[a][j] < sp]
+            if not semi and fallback == "hardest" and neg:
+                semi = [sorted(neg, key=lambda j: (-S[a][j], j))[0]]
+            out.append(semi)
+        width = max(1, max(len(r) for r in out))
+        return [r + [-1] * (width - len(r)) for r in out]
+    S = sim.tolist()
+    ST = [list(col) for col in zip(*S)]
+    return rows(S, img_ids, txt_ids, p_img), rows(ST, txt_ids, img_ids, p_txt)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("fallback", ["hardest", "none"])
+@pytest.mark.parametrize("margin", [0.25, 0.6])
+def test_all_semi_hard_negatives_match_loop(seed, fallback, margin):
+    sim, img_ids, txt_ids, p_img, p_txt = tied_case(seed)
+    ni, nt = semi_hard_negatives(sim, margin=margin, ids=(img_ids, txt_ids), k=None, fallback=fallback,
+                                 pos_for_images=p_img, pos_for_texts=p_txt)
+    ri, rt = ref_all_semi_hard(sim, img_ids.tolist(), txt_ids.tolist(), margin, fallback, p_img.tolist(),
+                               p_txt.tolist())
+    assert ni.tolist() == ri and nt.tolist() == rt
+
+
+def test_all_semi_hard_triplets_loss_equals_the_masked_sum():
+    """k=None into triplet_loss: the mean hinge over every semi-hard triplet of both directions (FaceNet's
+    'all anchor-positive pairs' with semi-hard negatives), written as a masked sum over sim."""
+    from mmalign.losses import triplet_loss
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=g, dtype=torch.float64), torch.randn(64, 16, generator=g, dtype=torch.float64)
+    sim = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
+    m = 0.2
+    ni, nt = semi_hard_negatives(sim, margin=m, k=None, fallback="none")
+    got = triplet_loss(sim, ni, nt, margin=m)
+    pos, off = sim.diagonal(), ~torch.eye(64, dtype=torch.bool)
+    win_i = off & (sim < pos[:, None]) & (sim > pos[:, None] - m)
+    win_t = off & (sim < pos[None, :]) & (sim > pos[None, :] - m)
+    total = ((m - pos[:, None] + sim) * win_i).sum() + ((m - pos[None, :] + sim) * win_t).sum()
+    assert win_i.sum() > 64 and ni.shape[1] == int(win_i.sum(1).max())
+    assert torch.allclose(got, total / (win_i.sum() + win_t.sum()), rtol=1e-12, atol=0)
+
+
 def test_semi_hard_window_is_strict_and_fallback_differs():
     # image 0: positive 0.5; negatives at 0.5 (tie with positive: not semi-hard), 0.4 (semi-hard),
     # 0.3 (exactly s_pos - margin: not semi-hard), 0.9 (harder than the positive: not semi-hard)

@@ -95,6 +95,17 @@ def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor
     return idx
 
 
+def _all_rows(keep: torch.Tensor) -> torch.Tensor:
+    """(B, w) column indices of every ``keep`` entry per row, in index order, -1 padded; w is the largest
+    count of a row (at least 1). One cumulative sum and one scatter: no sort."""
+    n_rows, n_cols = keep.shape
+    width = max(int(keep.sum(1).max()), 1) if n_rows else 1
+    slot = torch.where(keep, keep.cumsum(1) - 1, width)  # entries outside keep go to a spare column
+    out = torch.full((n_rows, width + 1), -1, dtype=torch.long, device=keep.device)
+    out.scatter_(1, slot, torch.arange(n_cols, device=keep.device).expand(n_rows, n_cols))
+    return out[:, :width]
+
+
 def _paired_positive(s: torch.Tensor, valid, pos, name: str) -> torch.Tensor:
     """s_pos (B,) of the anchors on the rows of ``s`` (B, M): ``s[a, pos[a]]``, pos defaulting to the
     diagonal. ``valid`` (optional, (B, M) negative mask) checks that no positive is a negative."""
@@ -195,7 +206,7 @@ def semi_hard_negatives(
     *,
     margin: float = 0.2,
     ids=None,
-    k: int = 1,
+    k: int | None = 1,
     fallback: str = "hardest",
     pos_for_images: torch.Tensor | None = None,
     pos_for_texts: torch.Tensor | None = None,
@@ -222,9 +233,12 @@ def semi_hard_negatives(
         ids: optional item ids, one (B,) tensor for a square ``sim`` or a pair ``(row ids (B_img,), column ids
             (B_txt,))``; equal ids are never negatives. Default: the diagonal pairs.
         margin: m > 0, the width of the window below the positive.
-        k: negatives per anchor (>= 1); -1 pads anchors with fewer semi-hard negatives.
+        k: negatives per anchor (>= 1); -1 pads anchors with fewer semi-hard negatives. ``None``: every
+            semi-hard negative (all semi-hard triplets, as PML's ``TripletMarginMiner(type_of_triplets=
+            "semihard")`` mines them), in index order, in as many columns as the anchor with the most.
         fallback: ``"hardest"``: an anchor with *no* semi-hard negative gets its k hardest
-            negatives instead (as :func:`hardest_negatives`); ``"none"``: it gets a row of -1.
+            negatives instead (as :func:`hardest_negatives`; its single hardest when ``k=None``);
+            ``"none"``: it gets a row of -1.
         pos_for_images: optional (B_img,) caption index of each image's positive.
         pos_for_texts: optional (B_txt,) image index of each caption's positive.
 
@@ -232,7 +246,8 @@ def semi_hard_negatives(
         ``(neg_for_images (B_img, k), neg_for_texts (B_txt, k))`` LongTensors, -1 = none.
     """
     _check_sim(sim)
-    _check_k(k)
+    if k is not None:
+        _check_k(k)
     margin = check_real("margin", margin)
     if not margin > 0:
         raise ValueError(f"margin must be > 0 for semi-hard mining (window (s_pos - margin, s_pos)), got {margin}")
@@ -244,9 +259,12 @@ def semi_hard_negatives(
     out = []
     for s, v, s_pos in ((sim, valid, s_pos_img), (sim.T, valid.T, s_pos_txt)):
         window = v & (s < s_pos[:, None]) & (s > s_pos[:, None] - margin)
-        neg = _topk_rows(s, window, k)
+        neg = _all_rows(window) if k is None else _topk_rows(s, window, k)
         if fallback == "hardest":
-            neg = torch.where(neg[:, :1] == -1, _topk_rows(s, v, k), neg)
+            hardest = _topk_rows(s, v, 1 if k is None else k)
+            if k is None:  # the single hardest in the first column, -1 after it
+                hardest = torch.cat([hardest, hardest.new_full((hardest.shape[0], neg.shape[1] - 1), -1)], dim=1)
+            neg = torch.where(neg[:, :1] == -1, hardest, neg)
         out.append(neg)
     return out[0], out[1]
 
