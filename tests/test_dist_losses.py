@@ -135,3 +135,20 @@ def test_one_process_forms_are_the_plain_losses():
         dist.gathered_siglip_loss(x, y, bias=float("inf"))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         dist.gathered_siglip_loss(x, y, temperature=-1.0)
+
+
+def test_mined_negative_masks_of_some_rows_are_those_rows_of_the_whole_masks():
+    """What local_loss=True builds on one rank: the rows of its anchors only, never the gathered (B, B) masks."""
+    from mmalign.losses._checks import mined_negative_masks
+
+    g = torch.Generator().manual_seed(0)
+    neg_a = torch.randint(-1, 9, (12, 3), generator=g)  # 12 row anchors over 9 columns, -1 = none
+    neg_b = torch.randint(-1, 12, (9, 2), generator=g)
+    full_ab, full_ba = mined_negative_masks((neg_a, neg_b), 12, 9, "cpu")
+    part_ab, part_ba = mined_negative_masks((neg_a, neg_b), 12, 9, "cpu", rows=(slice(4, 8), slice(3, 6)))
+    assert part_ab.shape == (4, 9) and part_ba.shape == (3, 12)
+    assert torch.equal(part_ab, full_ab[4:8]) and torch.equal(part_ba, full_ba[3:6])
+    for i in range(4):  # and against the indices themselves
+        assert set(torch.nonzero(part_ab[i]).flatten().tolist()) == {j for j in neg_a[4 + i].tolist() if j >= 0}
+    with pytest.raises(ValueError, match=r"negatives\[0\] \(for rows\) must be \(12, k\)"):  # the whole is checked
+        mined_negative_masks((neg_a[:5], neg_b), 12, 9, "cpu", rows=(slice(0, 4), slice(0, 3)))

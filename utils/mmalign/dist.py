@@ -272,14 +272,15 @@ def gathered_info_nce(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 
         return info_nce(ga, gb, temperature=temperature, ids=(gi, gib), normalize=normalize, negatives=negatives)
     n_a, n_b, r = a.shape[0], b.shape[0], rank()
     rows_a, rows_b = slice(r * n_a, (r + 1) * n_a), slice(r * n_b, (r + 1) * n_b)
-    pos = positive_mask((gi, gib), ga.shape[0], gb.shape[0], a.device)  # (W n_a, W n_b), global
-    logits_ab = _similarity(a, gb, normalize) / temperature  # this rank's rows only: (n_a, W n_b)
-    logits_ba = _similarity(b, ga, normalize) / temperature  # (n_b, W n_a)
-    pos_ab, pos_ba = pos[rows_a], pos.T[rows_b]
+    # this rank's rows only, never a (W n_a, W n_b) matrix: logits and masks are (n_a, W n_b) and (n_b, W n_a)
+    pos_ab = positive_mask((gi[rows_a], gib), n_a, gb.shape[0], a.device)
+    pos_ba = positive_mask((gib[rows_b], gi), n_b, ga.shape[0], a.device)
+    logits_ab = _similarity(a, gb, normalize) / temperature
+    logits_ba = _similarity(b, ga, normalize) / temperature
     if negatives is not None:
-        keep_ab, keep_ba = mined_negative_masks(negatives, ga.shape[0], gb.shape[0], a.device)
-        logits_ab = logits_ab.masked_fill(~(pos_ab | keep_ab[rows_a]), float("-inf"))
-        logits_ba = logits_ba.masked_fill(~(pos_ba | keep_ba[rows_b]), float("-inf"))
+        keep_ab, keep_ba = mined_negative_masks(negatives, ga.shape[0], gb.shape[0], a.device, rows=(rows_a, rows_b))
+        logits_ab = logits_ab.masked_fill(~(pos_ab | keep_ab), float("-inf"))
+        logits_ba = logits_ba.masked_fill(~(pos_ba | keep_ba), float("-inf"))
     return 0.5 * (_multi_positive_ce(logits_ab, pos_ab) + _multi_positive_ce(logits_ba, pos_ba))
 
 

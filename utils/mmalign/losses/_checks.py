@@ -84,7 +84,8 @@ def positive_mask(ids, n_a: int, n_b: int, device, sides: tuple[str, str] = ("a"
     return pair[0][:, None] == pair[1][None, :]
 
 
-def mined_negative_masks(negatives, n_a: int, n_b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def mined_negative_masks(negatives, n_a: int, n_b: int, device,
+                         rows: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks of the negatives a miner chose, for any loss: ``(keep_ab (n_a, n_b), keep_ba (n_b, n_a))``.
 
     ``negatives`` is what every miner of :mod:`mmalign.miners` returns: ``(neg_for_a, neg_for_b)``,
@@ -92,6 +93,9 @@ def mined_negative_masks(negatives, n_a: int, n_b: int, device) -> tuple[torch.T
     column anchor; -1 marks "no valid negative" and is ignored. ``keep_ab[i, j]`` is True when the
     miner chose column j as a negative of row i (the a -> b direction), ``keep_ba[j, i]`` when it chose
     row i for column j (b -> a).
+
+    ``rows = (rows of a, rows of b)`` (two slices) builds only those anchors' rows of each mask, e.g. one
+    process's rows of a gathered batch (the whole ``negatives`` is still checked).
     """
     if not isinstance(negatives, (tuple, list)) or len(negatives) != 2:
         raise ValueError("negatives must be a miner's output, a pair (neg_for_a, neg_for_b) of index tensors, got "
@@ -109,7 +113,9 @@ def mined_negative_masks(negatives, n_a: int, n_b: int, device) -> tuple[torch.T
             raise ValueError(f"{name} holds indices outside [-1, {n_other - 1}] (-1 = no negative); was it mined on "
                              "this batch?")
         neg = neg.to(device).long()
-        mask = torch.zeros(n_anchor, n_other + 1, dtype=torch.bool, device=device)
+        if rows is not None:
+            neg = neg[rows[len(masks)]]
+        mask = torch.zeros(neg.shape[0], n_other + 1, dtype=torch.bool, device=device)
         mask.scatter_(1, torch.where(neg < 0, n_other, neg), True)  # -1 goes to a spare column, dropped below
         masks.append(mask[:, :n_other])
     return masks[0], masks[1]
