@@ -1,13 +1,16 @@
 """grad_cache_loss (Gao et al., 2021) against the full-batch backward: same loss, same gradients of the
-encoders and of a temperature used by the loss, dropout replayed, and fit with it equals fit without."""
+encoders and of a temperature used by the loss, dropout replayed, and fit with it equals fit without, on
+one process and on 2 gloo processes under DistributedDataParallel (against the 1-process full batch)."""
 
 import pytest
 import torch
 from torch import nn
 
+from mmalign import dist
 from mmalign.losses import info_nce, siglip_loss
 from mmalign.models.temperature import LearnableTemperature
 from mmalign.train import fit, grad_cache_loss
+from test_dist import BATCH as DDP_BATCH, WORLD, _fit_data, _model as _ddp_model, _spawn
 
 B, DIN, D = 14, 6, 4
 
@@ -127,3 +130,68 @@ def test_bad_input():
         grad_cache_loss(embed, lambda zi, zt: zi, (x, y), chunk_size=2, params=m.parameters())
     with pytest.raises(TypeError, match="embed_fn must return a tensor"):
         grad_cache_loss(lambda a, b: "z", loss_fn, (x, y), chunk_size=2, params=m.parameters())
+
+
+# ---- under DistributedDataParallel: 2 gloo processes = 1 process on the whole batch ------------------
+
+DDP_VARIANTS = ("gathered", "local_loss", "siglip")
+
+
+def _ddp_run(variant, chunk):
+    """fit with a temperature (and for SigLIP a bias) trained outside the model; ``chunk=None``: the plain
+    full-batch loss. Returns the weights, the outside parameters and the gradients of the first step."""
+    model = _ddp_model()
+    temp = LearnableTemperature(0.1)
+    bias = nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
+    extra = [*temp.parameters(), *([bias] if variant == "siglip" else [])]
+    first = {}
+
+    def loss_fn(zi, zt, ids):
+        if variant == "siglip":
+            return dist.gathered_siglip_loss(zi, zt, temperature=temp(), bias=bias, ids=ids)
+        return dist.gathered_info_nce(zi, zt, temperature=temp(), ids=ids, local_loss=variant == "local_loss")
+
+    def step(m, batch):
+        x, y, ids = batch
+        if chunk is None:
+            return loss_fn(m["i"](x), m["t"](y), ids)
+        return grad_cache_loss(lambda u, v: (m["i"](u), m["t"](v)), lambda zi, zt: loss_fn(zi, zt, ids), (x, y),
+                               chunk_size=chunk, params=m.parameters())
+
+    def after_step(m, batch, global_step):
+        if global_step == 1:  # the optimizer has stepped; the gradients it used are still there
+            first.update({k: p.grad.clone() for k, p in m.named_parameters()})
+            first.update({f"extra{i}": p.grad.clone() for i, p in enumerate(extra)})
+
+    fit(model, step, _fit_data(), optimizer=torch.optim.Adam([*model.parameters(), *extra], lr=1e-2), epochs=2,
+        batch_size=DDP_BATCH, seed=4, device="cpu", progress=False, after_step=after_step)
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "extra": [p.detach().clone() for p in extra], "first grads": first}
+
+
+def _ddp_worker(rank, tmp):
+    # each rank holds 6 rows of every global batch of 12: chunks of 4 rows leave a shorter last chunk of 2
+    torch.save({v: _ddp_run(v, chunk=4) for v in DDP_VARIANTS}, f"{tmp}/r{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gradcache_ddp")
+    _spawn(_ddp_worker, tmp)
+    return [torch.load(tmp / f"r{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("variant", DDP_VARIANTS)
+def test_grad_cache_on_two_processes_equals_the_full_batch_on_one(ddp_runs, variant):
+    """The reference is the ordinary full-batch backward in one process (no GradCache, no processes)."""
+    ref = _ddp_run(variant, chunk=None)
+    for r in range(WORLD):
+        got = ddp_runs[r][variant]
+        for k, g in ref["first grads"].items():  # the gradient of the first step, averaged by DDP
+            tol = dict(rtol=1e-6, atol=1e-8) if k.startswith("extra") and k != "extra1" else dict(rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(got["first grads"][k], g, **tol, msg=f"rank {r}, {k}")
+        for k, v in ref["state"].items():  # and every step after it
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-6, atol=1e-8, msg=f"rank {r}, {k}")
+        for got_p, ref_p in zip(got["extra"], ref["extra"]):
+            torch.testing.assert_close(got_p, ref_p, rtol=1e-6, atol=1e-7)
+    assert abs(float(ref["extra"][0]) - float(torch.log(torch.tensor(10.0)))) > 1e-3  # the temperature trained
