@@ -94,9 +94,32 @@ def _worker(rank, tmp):
     # train_step builds the DistributedDataParallel wrapper in a loop of one's own
     model = _model()
     state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    train_step(state, lambda m, b: m["i"](b[0]).sum(), (torch.randn(4, 7, dtype=torch.float64),))
+    train_step(state, lambda m, b: m["i"](b[0]).sum() + m["t"](b[0]).sum(), (torch.randn(4, 7, dtype=torch.float64),))
     out["ddp"] = type(state.ddp).__name__
+    # a parameter the loss never uses: trained with find_unused_parameters=True, refused (named) without it
+    out["unused"] = _unused_run(find_unused_parameters=True)
+    with pytest.raises(ValueError, match=r"find_unused_parameters=False, step 0 gave no gradient to "
+                                         r"model\.unused\.weight, model\.unused\.bias .*pass "
+                                         r"find_unused_parameters=True to fit"):
+        _unused_run(find_unused_parameters=False)
+    out["refused"] = True
     torch.save(out, f"{tmp}/r{rank}.pt")
+
+
+def _unused_run(**kw):
+    model = _model()
+    model["unused"] = torch.nn.Linear(3, 2).double()  # in the optimizer, never in the loss
+    _run_with(model, _gathered, **kw)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _run_with(model, loss, **kw):
+    def step(m, batch):
+        x, y, ids = batch
+        return loss(m["i"](x), m["t"](y), ids)
+
+    return fit(model, step, _fit_data(), optimizer=torch.optim.Adam(model.parameters(), 1e-2), epochs=2,
+               batch_size=BATCH, seed=4, device="cpu", progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +199,47 @@ def test_outside_parameters_are_named_and_checked_for_their_device():
             device="cpu", progress=False)
 
 
+def _best_run(checkpoint=None, max_steps=None, init=0.1, model_seed=1):
+    """Evaluations at steps 2, 4, 6, 8 score 1, 3, 2, 0.5: the best is step 4's. Returns the final
+    temperature and weights, and the temperature and weights each evaluation saw."""
+    model, temp = _model(model_seed), LearnableTemperature(init)
+    opt = torch.optim.Adam([*model.parameters(), *temp.parameters()], lr=2e-2)
+    steps, seen = [], {}
+
+    def step(m, batch):
+        x, y, ids = batch
+        return info_nce(m["i"](x), m["t"](y), temperature=temp(), ids=ids)
+
+    def eval_fn(m):
+        seen[steps[-1]] = (temp.log_scale.detach().clone(), {k: v.clone() for k, v in m.state_dict().items()})
+        return {"score": {2: 1.0, 4: 3.0, 6: 2.0, 8: 0.5}[steps[-1]]}
+
+    hist = fit(model, step, _fit_data(), optimizer=opt, epochs=2, batch_size=BATCH, seed=4, device="cpu",
+               eval_fn=eval_fn, eval_every=2, keep_best="score", after_step=lambda m, b, s: steps.append(s),
+               checkpoint_path=checkpoint, max_steps=max_steps, progress=False)
+    return temp.log_scale.detach().clone(), {k: v.clone() for k, v in model.state_dict().items()}, seen, hist
+
+
+def test_keep_best_restores_the_outside_parameter_it_had_at_the_best_evaluation(tmp_path):
+    log_scale, state, seen, hist = _best_run()
+    assert hist.best["step"] == 4 and sorted(seen) == [2, 4, 6, 8]
+    assert torch.equal(log_scale, seen[4][0])  # the temperature of step 4, not of step 8
+    assert not torch.equal(seen[4][0], seen[8][0])  # (it kept training after step 4)
+    assert all(torch.equal(state[k], v) for k, v in seen[4][1].items())
+    # the best values survive a checkpoint: stopped at step 5 (after the best), resumed from other values
+    _best_run(checkpoint=tmp_path / "best.pt", max_steps=5)
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert torch.equal(saved["best_params"]["0.4"], seen[4][0])
+    resumed_log_scale, resumed_state, _, _ = _best_run(checkpoint=tmp_path / "best.pt", init=0.5, model_seed=7)
+    assert torch.equal(resumed_log_scale, seen[4][0])
+    assert all(torch.equal(resumed_state[k], v) for k, v in seen[4][1].items())
+
+
+def test_find_unused_parameters_must_be_a_bool():
+    with pytest.raises(ValueError, match="find_unused_parameters must be True or False, got 'yes'"):
+        _run_with(_model(), _gathered, find_unused_parameters="yes")
+
+
 # ---- DistributedDataParallel ---------------------------------------------------------------------
 
 
@@ -194,6 +258,22 @@ def test_ddp_averages_the_gradients_of_local_losses(two):
         for k, v in ref.items():
             torch.testing.assert_close(runs[r]["local"][k], v, rtol=1e-9, atol=1e-11)
     assert not torch.allclose(ref["i.weight"], gathered_ref["i.weight"])  # local negatives train another model
+
+
+def test_an_unused_parameter_trains_with_find_unused_parameters_and_is_named_without(two):
+    """With find_unused_parameters=True the 2-process run equals the 1-process run, the unused layer keeps
+    its initial weights (no gradient, as in one process); without it every rank raised, naming the layer
+    (checked in the worker)."""
+    _, runs = two
+    init = _model()
+    init["unused"] = torch.nn.Linear(3, 2).double()
+    one = _unused_run()
+    for r in range(WORLD):
+        assert runs[r]["refused"]
+        for k, v in one.items():
+            torch.testing.assert_close(runs[r]["unused"][k], v, rtol=1e-9, atol=1e-11)
+        assert torch.equal(runs[r]["unused"]["unused.weight"], init["unused"].weight.detach())
+    assert not torch.equal(one["i.weight"], init["i"].weight.detach())  # the used layers trained
 
 
 def test_evaluation_runs_on_rank_zero_and_every_rank_records_it(two):

@@ -88,8 +88,8 @@ def test_checkpoint_file_holds_plain_values_under_the_documented_keys(tmp_path):
     path = save_checkpoint(tmp_path / "run.pt", trained_state(), {"seed": 1})
     saved = torch.load(path, weights_only=True)
     assert set(saved) == {"model", "optimizer", "params", "scheduler", "scaler", "stateful", "history", "best_state",
-                          "epoch", "step_in_epoch", "global_step", "rng", "config"}
-    assert saved["params"] == {}  # every parameter the optimizer updates is in the model
+                          "best_params", "epoch", "step_in_epoch", "global_step", "rng", "config"}
+    assert saved["params"] == {} and saved["best_params"] is None  # every parameter updated is in the model
     assert saved["config"] == {"seed": 1} and saved["stateful"] == {"counter": {"steps": 3, "seen": 24}}
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 3, 3)
     assert saved["history"]["evals"] == [{"step": 3, "epoch": 0, "score": 2.0}]

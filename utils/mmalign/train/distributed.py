@@ -15,8 +15,16 @@ whose forward is ``loss_fn(model, batch)``. So
 
 DDP averages gradients over the W processes: a loss that every process computes on the gathered batch
 (:func:`mmalign.dist.gathered_info_nce`) then gets exactly the single-process gradient (see
-:mod:`mmalign.dist`). ``find_unused_parameters`` is False (the cheap default): every trainable parameter
-must receive a gradient at every step, or DDP stops with an error naming it.
+:mod:`mmalign.dist`).
+
+``find_unused_parameters`` is False by default (the cheap setting: DDP does not search the graph after
+every forward), so every trainable parameter must receive a gradient at every step. One that does not
+(a head the loss skips, a frozen branch left in the optimizer) would leave its bucket unreduced and
+make DDP fail at the *next* step with a message that gives parameter indices; :func:`check_all_used`
+instead stops the step that missed it, naming every such parameter and the two fixes: pass
+``find_unused_parameters=True`` to :func:`mmalign.train.fit` (DDP then marks them as reduced; their
+gradient stays None on every process, as in one process) or take them out of the optimizer / set
+``requires_grad=False``.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from torch import nn
 from .. import dist as _dist
 from .state import OutsideParameter, outside_parameters
 
-__all__ = ["LossModule", "wrap_ddp", "check_outside_parameters"]
+__all__ = ["LossModule", "wrap_ddp", "check_outside_parameters", "check_all_used"]
 
 
 class LossModule(nn.Module):
@@ -77,7 +85,7 @@ def check_outside_parameters(outside: Sequence[OutsideParameter], device: torch.
 
 
 def wrap_ddp(model: nn.Module, optimizer: torch.optim.Optimizer, stateful: Mapping[str, Any] | None = None,
-             device: str | torch.device | None = None) -> nn.Module:
+             device: str | torch.device | None = None, find_unused_parameters: bool = False) -> nn.Module:
     """A ``DistributedDataParallel`` around :class:`LossModule` ``(model, the optimizer's parameters
     outside it)``: call it as ``ddp(loss_fn, batch)``.
 
@@ -89,6 +97,9 @@ def wrap_ddp(model: nn.Module, optimizer: torch.optim.Optimizer, stateful: Mappi
         optimizer: its optimizer.
         stateful: the run's stateful objects (names for errors).
         device: the training device (default: the model's).
+        find_unused_parameters: DDP's setting of that name: True lets a step leave some trainable
+            parameters without a gradient (at the cost of a graph search after every forward pass);
+            False (default) requires every one to get a gradient (:func:`check_all_used`).
 
     Raises:
         ValueError: outside torch.distributed, or an outside parameter that cannot be reduced or is on
@@ -105,4 +116,28 @@ def wrap_ddp(model: nn.Module, optimizer: torch.optim.Optimizer, stateful: Mappi
     module = LossModule(model, [o.param for o in outside])
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=False)
+    if not isinstance(find_unused_parameters, bool):
+        raise ValueError(f"find_unused_parameters must be True or False, got {find_unused_parameters!r}")
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def check_all_used(ddp: nn.Module, step: int) -> None:
+    """After the backward pass of a ``find_unused_parameters=False`` DDP step, refuse a trainable parameter
+    that received no gradient, naming it (``model.head.weight``, ``outside[0]`` for the optimizer's first
+    parameter outside the model), before the optimizer steps.
+
+    Raises:
+        ValueError: naming the parameters and the fixes (on every process whose step missed them).
+    """
+    if getattr(ddp, "find_unused_parameters", True):
+        return
+    missing = [name for name, p in ddp.module.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        names = [n.replace("outside.", "outside[", 1) + "]" if n.startswith("outside.") else n for n in missing]
+        raise ValueError(
+            f"under DistributedDataParallel with find_unused_parameters=False, step {step} gave no gradient to "
+            f"{', '.join(names)} (model.* are the model's parameters, outside[i] the optimizer's i-th parameter "
+            "outside the model): DDP cannot average a gradient that was never computed. If the loss skips them "
+            "on purpose, pass find_unused_parameters=True to fit (or train_step); otherwise take them out of the "
+            "optimizer or set requires_grad=False")

@@ -22,7 +22,7 @@ from torch.utils.data._utils.collate import default_collate
 from .. import dist as _dist
 from ..checks import check_int, check_positive
 from ..config import choose_device
-from .distributed import check_outside_parameters, wrap_ddp
+from .distributed import check_all_used, check_outside_parameters, wrap_ddp
 from .state import (History, TrainState, _seed_everything, load_checkpoint, outside_parameters, run_fingerprint,
                     save_checkpoint)
 
@@ -138,7 +138,7 @@ def _check_loss(out, step: int) -> tuple[torch.Tensor, Mapping]:
 
 def train_step(state: TrainState, loss_fn: Callable, batch: Any, *, device: str | torch.device | None = None,
                amp: torch.dtype | None = None, grad_clip: float | None = None,
-               after_step: Callable | None = None) -> float:
+               after_step: Callable | None = None, find_unused_parameters: bool = False) -> float:
     """One optimizer step on one batch, logged in ``state.history``.
 
     Moves the batch to ``device``, computes ``loss_fn(state.model, batch)`` (under autocast when ``amp``
@@ -159,6 +159,9 @@ def train_step(state: TrainState, loss_fn: Callable, batch: Any, *, device: str 
         amp: the autocast dtype (``torch.bfloat16``, ``torch.float16``), or None for full precision.
         grad_clip: the largest gradient norm (after unscaling), or None for no clipping.
         after_step: ``(model, batch, global_step)``, called after the optimizer step.
+        find_unused_parameters: DDP's setting, used when this call builds ``state.ddp``
+            (:func:`mmalign.train.distributed.wrap_ddp`): False requires a gradient for every trainable
+            parameter at every step and raises a ValueError naming any that got none.
 
     Returns:
         The logged loss of this step (before the update, mean over processes), as a float.
@@ -166,13 +169,15 @@ def train_step(state: TrainState, loss_fn: Callable, batch: Any, *, device: str 
     Raises:
         FloatingPointError: the loss is NaN or infinite on some process (nothing is updated, and every
             process raises).
+        ValueError: under DDP with ``find_unused_parameters=False``, a trainable parameter got no
+            gradient (named; nothing is updated).
     """
     if device is None:
         device = next((p.device for p in state.model.parameters()), torch.device("cpu"))
     device = torch.device(device)
     batch = to_device(batch, device)
     if state.ddp is None and _dist.is_distributed():
-        state.ddp = wrap_ddp(state.model, state.optimizer, state.stateful, device)
+        state.ddp = wrap_ddp(state.model, state.optimizer, state.stateful, device, find_unused_parameters)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         out = state.ddp(loss_fn, batch) if state.ddp is not None else loss_fn(state.model, batch)
     loss, logs = _check_loss(out, state.global_step)
@@ -183,6 +188,8 @@ def train_step(state: TrainState, loss_fn: Callable, batch: Any, *, device: str 
                                  "rate or raise the temperature")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    if state.ddp is not None:
+        check_all_used(state.ddp, state.global_step)
     if grad_clip is not None:
         state.scaler.unscale_(state.optimizer)
         params = [*state.model.parameters(), *(o.param for o in outside_parameters(state.model, state.optimizer))]
@@ -210,8 +217,9 @@ def record_eval(state: TrainState, eval_fn: Callable[[torch.nn.Module], dict], k
     Under torch.distributed it runs on rank 0 only (every rank holds the same weights) and its metrics
     are broadcast, so every rank records the same entry; it must therefore not call collectives. An
     error in it is raised on every rank. With ``keep_best``, an evaluation that beats every earlier one
-    on that metric (strictly greater) becomes ``state.history.best`` and a CPU copy of the weights
-    becomes ``state.best_state``.
+    on that metric (strictly greater) becomes ``state.history.best``, a CPU copy of the weights
+    becomes ``state.best_state`` and copies of the optimizer's parameters outside the model (a learned
+    temperature kept next to it) become ``state.best_params``.
 
     Args:
         state: the run; updated in place.
@@ -250,6 +258,8 @@ def record_eval(state: TrainState, eval_fn: Callable[[torch.nn.Module], dict], k
         if state.history.best is None or metrics[keep_best] > state.history.best[keep_best]:
             state.history.best = dict(entry)
             state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            outside = outside_parameters(model, state.optimizer, state.stateful) if state.optimizer is not None else []
+            state.best_params = {o.key: o.param.detach().cpu().clone() for o in outside} or None
     return entry
 
 
@@ -354,6 +364,7 @@ def fit(
     drop_last: bool = True,
     collate_fn: Callable | None = None,
     num_workers: int = 0,
+    find_unused_parameters: bool = False,
     progress: bool = True,
     desc: str = "training",
 ) -> History:
@@ -375,8 +386,9 @@ def fit(
             the parameter, when one is on another device, or is a plain tensor under torch.distributed.
         eval_fn: ``model -> {name: float}``, run in eval mode without gradients every ``eval_every``
             steps (default: at the end of every epoch); under torch.distributed on rank 0 only.
-        keep_best: an eval metric to maximise; the best weights are loaded back at the end and
-            ``history.best`` records when they were reached.
+        keep_best: an eval metric to maximise; the best weights (and the values the optimizer's parameters
+            outside the model had then) are loaded back at the end and ``history.best`` records when they
+            were reached.
         stateful: objects with ``state_dict``/``load_state_dict`` saved in checkpoints (queues, ...).
         after_step: ``(model, batch, step)`` called after each optimizer step (EMA updates, enqueue).
         checkpoint_path: where to save; if the file exists, training resumes from it, provided it was
@@ -387,6 +399,10 @@ def fit(
         amp: autocast (float16 + GradScaler on CUDA, bfloat16 on CPU); default on for CUDA only;
             ``"bf16"`` or ``"fp16"`` picks the dtype (fp16 always gets a GradScaler). Losses keep their
             logits in float32 (``mmalign.retrieval.similarity`` turns autocast off).
+        find_unused_parameters: under torch.distributed, DDP's setting of that name. False (default, the
+            cheap one) requires every trainable parameter to get a gradient at every step: a step that
+            leaves one without raises a ValueError naming it. True lets a step skip parameters (DDP
+            then searches the graph after every forward pass); their gradient stays None, as in one process.
 
     Under ``torchrun`` (torch.distributed initialised, see :mod:`mmalign.dist`) the same call trains
     data-parallel: ``batch_size`` is the global batch, each process takes its equal part of every
@@ -410,6 +426,8 @@ def fit(
         amp=amp, eval_fn=eval_fn, eval_every=eval_every, keep_best=keep_best, stateful=stateful,
         after_step=after_step, checkpoint_every=checkpoint_every, max_steps=max_steps, grad_clip=grad_clip,
         drop_last=drop_last, collate_fn=collate_fn, num_workers=num_workers)
+    if not isinstance(find_unused_parameters, bool):
+        raise ValueError(f"find_unused_parameters must be True or False, got {find_unused_parameters!r}")
     scaler = torch.amp.GradScaler(device.type, enabled=amp[0] and amp[1] == torch.float16)
     model.to(device)
     state = TrainState(model, optimizer, scheduler, scaler, dict(stateful or {}))
@@ -421,7 +439,7 @@ def fit(
     if checkpoint_path is not None and checkpoint_path.exists():
         load_checkpoint(checkpoint_path, state, fingerprint, map_location=device)
     if world > 1:  # DDP broadcasts rank 0's weights (model and outside parameters) to every rank
-        state.ddp = wrap_ddp(model, optimizer, state.stateful, device)
+        state.ddp = wrap_ddp(model, optimizer, state.stateful, device, find_unused_parameters)
 
     def save() -> None:  # rank 0 writes; the checkpoint resumes on any number of processes
         if checkpoint_path is not None and _dist.is_main():
@@ -473,4 +491,9 @@ def fit(
     state.history.seconds += time.perf_counter() - started
     if keep_best is not None and state.best_state is not None and not stopped:
         model.load_state_dict(state.best_state)
+        best_params = state.best_params or {}
+        with torch.no_grad():  # and the parameters outside the model, as they were at that evaluation
+            for o in outside_parameters(model, optimizer, state.stateful):
+                if o.key in best_params:
+                    o.param.copy_(best_params[o.key])
     return state.history

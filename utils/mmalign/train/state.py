@@ -73,6 +73,9 @@ class TrainState:
         step_in_epoch: batches of that epoch already done; a resumed run starts at the next one.
         global_step: optimizer steps done in all.
         best_state: a CPU copy of the model's weights at the best evaluation so far (``keep_best``), or None.
+        best_params: CPU copies of the optimizer's parameters outside the model at that evaluation (a learned
+            temperature kept next to the model), keyed by their optimizer position (``"group.index"``, as
+            the checkpoint's ``"params"``), or None.
         ddp: under torch.distributed, the ``DistributedDataParallel`` module the loss runs through
             (:func:`mmalign.train.distributed.wrap_ddp`; ``train_step`` builds it when missing). Not saved.
     """
@@ -87,6 +90,7 @@ class TrainState:
     step_in_epoch: int = 0
     global_step: int = 0
     best_state: dict | None = None
+    best_params: dict | None = None
     ddp: Any = None
 
 
@@ -225,7 +229,8 @@ def save_checkpoint(path: str | Path, state: TrainState, fingerprint: dict | Non
         "params": {o.key: o.param.detach().clone() for o in outside_parameters(state.model, state.optimizer)},
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "scaler": state.scaler.state_dict(), "stateful": {k: v.state_dict() for k, v in state.stateful.items()},
-        "history": state.history.to_dict(), "best_state": state.best_state, "epoch": state.epoch,
+        "history": state.history.to_dict(), "best_state": state.best_state,
+        "best_params": state.best_params, "epoch": state.epoch,
         "step_in_epoch": state.step_in_epoch, "global_step": state.global_step, "rng": _rng_state(),
         "config": fingerprint,
     }
@@ -288,6 +293,7 @@ def load_checkpoint(path: str | Path, state: TrainState, fingerprint: dict | Non
             raise ValueError(f"checkpoint {path}: stateful[{name!r}] cannot be restored: {err}") from None
     state.history = History(**ckpt["history"])
     state.best_state = ckpt.get("best_state")
+    state.best_params = ckpt.get("best_params")  # absent from checkpoints written before it was saved
     state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
     _set_rng_state(ckpt["rng"])
 
