@@ -95,7 +95,7 @@ results: install
 bench: install
 	$(BIN)/python -c "import faiss, pytorch_metric_learning, torch_optimizer, ot" 2>/dev/null || \
 	  $(BIN)/python -m pip install --quiet "pytorch-metric-learning>=2.5" "faiss-cpu>=1.8" "torch-optimizer>=0.3" "POT>=0.9"
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf book/_build $(SOLUTION_NBS) .pytest_cache

@@ -1,21 +1,26 @@
 """`make bench`: mmalign against the libraries a researcher would pick instead, side by side, one run.
 
-Every comparison uses the same inputs for every contender, checks that the results are equal before
-timing anything, times the median of repeats (after a warm-up) and reports ``peer / ours`` (above 1:
-ours is faster) and ``ours / floor`` where a plain-torch floor exists (the least work that computes
-the same thing). Writes ``results/bench.json`` with the targets met or missed.
+Every comparison gives every contender the same inputs (built from the same seeds), checks that the
+results are equal before it reports a time, times the median of repeats after a warm-up, and reports
+``peer / ours`` (above 1: ours is faster) and ``ours / floor`` where a plain-torch floor exists (the
+least torch work that computes the same thing). Writes ``results/bench.json`` with the targets met or
+missed, and the measured reason where one is missed.
+
+**One process per contender.** Each contender of each comparison runs in a fresh Python process,
+so that no library's thread pool or allocator state slows another's: faiss-cpu ships its own OpenMP
+runtime, and in one process with torch it slowed torch's small operations up to 80x on a 2-core
+machine. The parent process only compares the saved results and writes the table.
 
     pip install -e .[bench]          # pytorch-metric-learning, faiss-cpu, torch-optimizer, POT
     python benchmarks/bench.py       # or: make bench   (--quick: small sizes, a smoke test, not saved in results/)
 
-Sections: InfoNCE (against PML's NTXentLoss and a two-cross-entropy floor), the bidirectional triplet
-loss with the hardest negative (against PML's BatchHardMiner + TripletMarginLoss, and a floor),
-Recall@1/5/10 both ways on a large gallery (against faiss IndexFlatIP top-k, and a chunked
-matmul + top-k floor) with peak memory, a LAMB step on a 25M-parameter model (against
-torch-optimizer's Lamb, and AdamW as the floor), a MoCo queue (against PML's CrossBatchMemory), and
-Sinkhorn against POT through benchmarks/bench_sinkhorn.py when ``mmalign.ot`` and POT exist.
-Not covered: triplet with *all* semi-hard triplets (mmalign mines one semi-hard negative per anchor,
-PML all of them: different losses, nothing equal to compare).
+Sections: InfoNCE (PML's NTXentLoss), the bidirectional triplet loss with the hardest negative (PML's
+BatchHardMiner + TripletMarginLoss) and with *all* semi-hard triplets (PML's TripletMarginMiner
+"semihard" + TripletMarginLoss), Recall@1/5/10 both ways (faiss IndexFlatIP top-k) with peak memory,
+a LAMB step on a 25M-parameter model (torch-optimizer's Lamb), a MoCo queue (PML's CrossBatchMemory),
+and Sinkhorn against POT (benchmarks/bench_sinkhorn.py). ``ours`` runs with the input checks' element
+scans off (``mmalign.checks.disabled()``, as in a hot loop); its time with the checks on is reported
+beside it.
 """
 
 from __future__ import annotations
@@ -24,37 +29,23 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mmalign.checks import disabled as checks_disabled
-from mmalign.config import results_dir
-from mmalign.losses import info_nce, triplet_loss
-from mmalign.memory import MoCoQueue
-from mmalign.miners import hardest_negatives
-from mmalign.optim import LAMB
-from mmalign.retrieval import recall_at_k
-
 TARGET_PEER = 1.0  # ours at least as fast as every peer (peer / ours >= 1)
 TARGET_FLOOR = 1.5  # and within 1.5x of the floor (ours / floor <= 1.5)
 
 
-def forward_backward(fn, x0: torch.Tensor, y0: torch.Tensor):
-    """A timed closure: the loss ``fn(x, y)`` and its backward on fresh leaf copies of x0, y0; returns
-    (loss, grad of x) so that contenders can be checked equal before they are timed."""
-    def go():
-        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
-        loss = fn(x, y)
-        loss.backward()
-        return loss.detach(), x.grad
-    return go
+# ---- helpers run inside a worker ------------------------------------------------------------------
 
 
 def timed(fn, repeats: int) -> float:
@@ -69,12 +60,325 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def close(x, y, tol: float) -> float:
-    """Max |x - y| (raises if above tol: a benchmark of different results means nothing)."""
-    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    diff = float((x - y).abs().max())
-    if not diff <= tol:
-        raise AssertionError(f"results differ: max |difference| {diff:.3g} > {tol:.3g}")
+def forward_backward(fn, x0: torch.Tensor, y0: torch.Tensor):
+    """The loss ``fn(x, y)`` and its backward on fresh leaf copies of x0, y0; returns {loss, grad of x}."""
+    def go():
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        loss = fn(x, y)
+        loss.backward()
+        return {"loss": loss.detach(), "grad": x.grad}
+    return go
+
+
+def pair(b: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
+
+
+# ---- contenders: each builder returns (result_fn, timed_fn) -------------------------------------------
+# result_fn() gives the values checked for equality (a dict of tensors / floats); timed_fn is what is timed.
+
+
+def info_nce_contender(name: str, p: dict):
+    x0, y0 = pair(p["B"], p["dim"], p["B"])
+    tau, labels = 0.07, torch.arange(p["B"])
+    if name == "ours":
+        from mmalign.losses import info_nce
+
+        def fn(x, y):
+            return info_nce(x, y, temperature=tau)
+    elif name == "floor":
+        def fn(x, y):
+            logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T / tau
+            return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    else:  # pml: anchors x against references y, then the other way (the symmetric loss)
+        from pytorch_metric_learning.distances import CosineSimilarity
+        from pytorch_metric_learning.losses import NTXentLoss
+
+        ntxent, ref_labels = NTXentLoss(temperature=tau, distance=CosineSimilarity()), labels.clone()
+        # (PML treats ref_labels *identical* to labels as self-pairs and drops the diagonal)
+
+        def fn(x, y):
+            return 0.5 * (ntxent(x, labels, ref_emb=y, ref_labels=ref_labels)
+                          + ntxent(y, labels, ref_emb=x, ref_labels=ref_labels))
+    go = forward_backward(fn, x0, y0)
+    return go, go
+
+
+def triplet_hardest_contender(name: str, p: dict, margin: float = 0.2):
+    x0, y0 = pair(p["B"], p["dim"], p["B"])
+    ids = torch.arange(p["B"])
+    if name == "ours":
+        from mmalign.losses import triplet_loss
+        from mmalign.miners import hardest_negatives
+
+        def fn(x, y):
+            sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+            neg_i, neg_t = hardest_negatives(sim.detach(), ids=ids, k=1)
+            return triplet_loss(sim, neg_i, neg_t, margin=margin)
+    elif name == "floor":
+        def fn(x, y):
+            sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+            pos, off = sim.diagonal(), sim.detach().clone()
+            off.fill_diagonal_(float("-inf"))
+            j, r = off.argmax(1), off.argmax(0)
+            return 0.5 * (F.relu(margin - pos + sim[ids, j]).mean() + F.relu(margin - pos + sim[r, ids]).mean())
+    else:
+        from pytorch_metric_learning.distances import CosineSimilarity
+        from pytorch_metric_learning.losses import TripletMarginLoss
+        from pytorch_metric_learning.miners import BatchHardMiner
+        from pytorch_metric_learning.reducers import MeanReducer
+
+        miner = BatchHardMiner(distance=CosineSimilarity())
+        loss_fn = TripletMarginLoss(margin=margin, distance=CosineSimilarity(), reducer=MeanReducer())
+        ref = ids.clone()
+
+        def fn(x, y):
+            t1, t2 = miner(x, ids, y, ref), miner(y, ids, x, ref)
+            return 0.5 * (loss_fn(x, ids, t1, y, ref) + loss_fn(y, ids, t2, x, ref))
+    go = forward_backward(fn, x0, y0)
+    return go, go
+
+
+def triplet_semihard_contender(name: str, p: dict, margin: float = 0.2):
+    """The mean hinge over *all* semi-hard triplets of both directions (s_pos - m < s_neg < s_pos)."""
+    x0, y0 = pair(p["B"], p["dim"], p["B"])
+    ids = torch.arange(p["B"])
+    if name == "ours":
+        from mmalign.losses import triplet_loss
+        from mmalign.miners import semi_hard_negatives
+
+        def fn(x, y):
+            sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+            neg_i, neg_t = semi_hard_negatives(sim.detach(), margin=margin, k=None, fallback="none")
+            return triplet_loss(sim, neg_i, neg_t, margin=margin)
+    elif name == "floor":
+        def fn(x, y):
+            sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+            pos, s = sim.diagonal(), sim.detach()
+            p_, off = pos.detach(), ~torch.eye(len(ids), dtype=torch.bool)
+            win_i = off & (s < p_[:, None]) & (s > p_[:, None] - margin)
+            win_t = off & (s < p_[None, :]) & (s > p_[None, :] - margin)
+            total = ((margin - pos[:, None] + sim) * win_i).sum() + ((margin - pos[None, :] + sim) * win_t).sum()
+            return total / (win_i.sum() + win_t.sum())
+    else:  # PML: the miner's triplets of each direction, summed, over the number of triplets of both
+        from pytorch_metric_learning.distances import CosineSimilarity
+        from pytorch_metric_learning.losses import TripletMarginLoss
+        from pytorch_metric_learning.miners import TripletMarginMiner
+        from pytorch_metric_learning.reducers import SumReducer
+
+        miner = TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=CosineSimilarity())
+        loss_fn = TripletMarginLoss(margin=margin, distance=CosineSimilarity(), reducer=SumReducer())
+        ref = ids.clone()
+
+        def fn(x, y):
+            t1, t2 = miner(x, ids, y, ref), miner(y, ids, x, ref)
+            total = loss_fn(x, ids, t1, y, ref) + loss_fn(y, ids, t2, x, ref)
+            return total / (len(t1[0]) + len(t2[0]))
+    go = forward_backward(fn, x0, y0)
+    return go, go
+
+
+def _recall_data(p: dict):
+    g = torch.Generator().manual_seed(0)
+    n, dim = p["images"], p["dim"]
+    img = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+    img_ids = torch.arange(n)
+    txt_ids = torch.arange(n).repeat_interleave(p["captions_per_image"])
+    # noise 4x the signal: positives at cosine ~0.24 among the captions, so recall is far from 0 and from 1
+    txt = F.normalize(img[txt_ids] + 4.0 * F.normalize(torch.randn(len(txt_ids), dim, generator=g), dim=1), dim=1)
+    return img, txt, img_ids, txt_ids
+
+
+def recall_contender(name: str, p: dict, ks=(1, 5, 10)):
+    img, txt, img_ids, txt_ids = _recall_data(p)
+    kmax = max(ks)
+
+    def from_topk(top, q_ids, g_ids):  # (Q, kmax) gallery indices -> recall@k
+        hit = g_ids[top] == q_ids[:, None]
+        return {f"R@{k}": float(hit[:, :k].any(1).float().mean()) for k in ks}
+
+    if name == "ours":
+        from mmalign.retrieval import retrieval_report
+
+        def go():
+            report = retrieval_report(img, txt, img_ids, txt_ids, ks)
+            return {key: v for key, v in report.items() if key != "rsum"}
+    elif name == "floor":  # chunked matmul + top-k per direction: the plain-torch computation
+        def topk(q, gal, chunk=1024):
+            return torch.cat([torch.topk(q[s:s + chunk] @ gal.T, kmax, dim=1).indices for s in range(0, len(q), chunk)])
+
+        def go():
+            i2t, t2i = from_topk(topk(img, txt), img_ids, txt_ids), from_topk(topk(txt, img), txt_ids, img_ids)
+            return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
+    elif name == "gemm":  # the similarity matrix alone, both directions, no ranking: a bound, not a result
+        def go(chunk=1024):
+            for q, gal in ((img, txt), (txt, img)):
+                for s in range(0, len(q), chunk):
+                    q[s:s + chunk] @ gal.T
+            return {}
+    else:  # faiss: an exact inner-product index per direction, top-k search
+        import faiss
+        import numpy as np
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        x_img, x_txt = img.numpy(), txt.numpy()
+
+        def go():
+            it, ti = faiss.IndexFlatIP(x_img.shape[1]), faiss.IndexFlatIP(x_img.shape[1])
+            it.add(x_txt)
+            ti.add(x_img)
+            _, top_i2t = it.search(x_img, kmax)
+            _, top_t2i = ti.search(x_txt, kmax)
+            i2t = from_topk(torch.from_numpy(top_i2t.astype(np.int64)), img_ids, txt_ids)
+            t2i = from_topk(torch.from_numpy(top_t2i.astype(np.int64)), txt_ids, img_ids)
+            return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
+    return go, go
+
+
+def _lamb_model(width: int, depth: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+    with torch.no_grad():
+        for q in model.parameters():  # keep every layer's norm below torch-optimizer's clamp of 10
+            q.mul_(0.2)
+    return model
+
+
+def lamb_contender(name: str, p: dict):
+    def make():
+        model = _lamb_model(p["width"], p["depth"])
+        g = torch.Generator().manual_seed(1)
+        for q in model.parameters():
+            q.grad = torch.randn(q.shape, generator=g) * 1e-2
+        if name == "ours":
+            from mmalign.optim import LAMB
+
+            opt = LAMB(model.parameters(), lr=1e-3, weight_decay=0.01, bias_correction=False)
+        elif name == "torch_optimizer":
+            import torch_optimizer
+
+            opt = torch_optimizer.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6, debias=False)
+        else:  # floor: AdamW's for-loop step (Adam + decoupled decay, no layer-wise trust ratio)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6, foreach=False)
+        return model, opt
+
+    def result():
+        model, opt = make()
+        for _ in range(3):
+            opt.step()
+        flat = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+        return {"params": flat, "parameters": len(flat)}
+    _, opt = make()
+    return result, opt.step
+
+
+def queue_contender(name: str, p: dict):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(p["steps"], p["batch"], p["dim"], generator=g)
+    ids = torch.randint(0, 10_000, (p["steps"], p["batch"]), generator=g)
+    if name == "ours":
+        from mmalign.memory import MoCoQueue
+
+        def go():
+            q = MoCoQueue(p["size"], p["dim"])
+            for t in range(p["steps"]):
+                q.enqueue(keys[t], ids[t])
+                read = q.keys
+            return {"keys": q.keys, "ids": q.ids, "read": read}
+    else:
+        from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory
+
+        def go():
+            m = CrossBatchMemory(ContrastiveLoss(), p["dim"], memory_size=p["size"])
+            for t in range(p["steps"]):
+                m.add_to_memory(keys[t], ids[t], p["batch"])
+                read = m.embedding_memory if m.has_been_filled else m.embedding_memory[:m.queue_idx]
+            return {"keys": m.embedding_memory, "ids": m.label_memory, "read": read}
+    return go, go
+
+
+# ---- sections -------------------------------------------------------------------------------------
+# contenders: the first is ours; "floor" (if any) is the reference for equality, else ours is.
+# tol: the largest |difference| from the reference allowed per contender (a benchmark of different
+# results means nothing).
+
+SECTIONS = {
+    "info_nce": dict(build=info_nce_contender, contenders=("ours", "floor", "pml_ntxent"),
+                     tol={"ours": 1e-5, "pml_ntxent": 1e-4},
+                     cases=lambda quick: [dict(B=b, dim=256) for b in ((256, 1024) if quick else (256, 1024, 4096))],
+                     label=lambda p: f"B={p['B']}", checks=True),
+    "triplet_hardest": dict(build=triplet_hardest_contender, contenders=("ours", "floor", "pml"),
+                            tol={"ours": 1e-5, "pml": 1e-5},
+                            cases=lambda quick: [dict(B=b, dim=256) for b in ((256, 1024) if quick else (1024, 4096))],
+                            label=lambda p: f"B={p['B']}", checks=True),
+    "triplet_semihard": dict(build=triplet_semihard_contender, contenders=("ours", "floor", "pml"),
+                             tol={"ours": 1e-5, "pml": 1e-5},
+                             cases=lambda quick: [dict(B=b, dim=256) for b in ((256,) if quick else (1024, 4096))],
+                             label=lambda p: f"B={p['B']}, all semi-hard triplets", checks=True),
+    "recall": dict(build=recall_contender, contenders=("ours", "floor", "faiss", "gemm"),
+                   tol={"ours": 1e-4, "faiss": 1e-4},
+                   cases=lambda quick: ([dict(images=200, captions_per_image=5, dim=64)] if quick else
+                                        [dict(images=1000, captions_per_image=5, dim=256),
+                                         dict(images=20_000, captions_per_image=5, dim=256)]),
+                   label=lambda p: f"{p['images']} images x {p['images'] * p['captions_per_image']} captions",
+                   memory=("ours", "floor"), checks=True),
+    "lamb": dict(build=lamb_contender, contenders=("ours", "floor", "torch_optimizer"), reference="ours",
+                 tol={"torch_optimizer": 1e-6},  # the floor (AdamW) is another optimizer: timed, not compared
+                 cases=lambda quick: [dict(width=1024, depth=2) if quick else dict(width=2048, depth=6)],
+                 label=lambda p: f"{p['depth'] * (p['width'] ** 2 + p['width']) / 1e6:.1f}M parameters"),
+    "queue": dict(build=queue_contender, contenders=("ours", "pml_crossbatchmemory"),
+                  tol={"pml_crossbatchmemory": 0.0},
+                  cases=lambda quick: ([dict(size=4096, dim=256, batch=256, steps=64)] if quick else
+                                       [dict(size=65_536, dim=256, batch=b, steps=512) for b in (256, 1024)]),
+                  label=lambda p: f"{p['size']} x {p['dim']}, batch {p['batch']}", checks=True),
+}
+
+
+def worker(section: str, contender: str, params: dict, repeats: int, checks: bool, out: str) -> None:
+    """Run one contender in this (fresh) process and save its result, median time and peak memory."""
+    from mmalign.checks import set_enabled
+
+    spec = SECTIONS[section]
+    set_enabled(checks if contender == "ours" else None)
+    result_fn, timed_fn = spec["build"](contender, params)
+    result = result_fn()
+    seconds = timed(timed_fn, repeats)
+    saved = {"seconds": seconds, "result": result}
+    if contender in spec.get("memory", ()):
+        from mmalign.experiments.scaling import peak_memory_bytes
+
+        saved["peak_MB"] = peak_memory_bytes(timed_fn) / 2**20
+    torch.save(saved, out)
+
+
+# ---- the parent: one process per contender, then compare and tabulate ---------------------------------
+
+
+def run_worker(section: str, contender: str, params: dict, repeats: int, threads: int, checks: bool = False) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result.pt")
+        cmd = [sys.executable, __file__, "--worker", section, contender, "--params", json.dumps(params),
+               "--repeats", str(repeats), "--threads", str(threads), "--out", out] + (["--checks"] if checks else [])
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{section}/{contender} {params} failed:\n{done.stderr[-3000:]}")
+        return torch.load(out, weights_only=True)
+
+
+def max_difference(a, b) -> float:
+    """Max |a - b| over the values of two result dicts (tensors or numbers, same keys)."""
+    if a.keys() != b.keys():
+        raise AssertionError(f"results have different keys: {sorted(a)} vs {sorted(b)}")
+    diff = 0.0
+    for key in a:
+        x, y = torch.as_tensor(a[key], dtype=torch.float64), torch.as_tensor(b[key], dtype=torch.float64)
+        if x.shape != y.shape:
+            raise AssertionError(f"{key}: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+        if x.numel():
+            diff = max(diff, float((x - y).abs().max()))
     return diff
 
 
@@ -97,286 +401,79 @@ def row(ours_s: float, peers: dict, floor_s: float | None = None, **extra) -> di
 
 def show(name: str, r: dict) -> None:
     ratios = "  ".join(f"{k}={v:.2f}" for k, v in r.items() if "/" in k and isinstance(v, float))
-    print(f"{name:<40} ours {r['ours_s'] * 1000:9.2f} ms  {ratios}  {'ok' if r['targets met'] else 'MISSED: ' + r['missed']}",
+    print(f"{name:<46} ours {r['ours_s'] * 1000:9.2f} ms  {ratios}  {'ok' if r['targets met'] else 'MISSED: ' + r['missed']}",
           flush=True)
 
 
-# ---- InfoNCE ---------------------------------------------------------------------------------------
+WHY = {  # the measured reason a target is missed, written after reading the profile (README, chapter 9)
+    "recall": ("faiss's flat search is BLAS sgemm + a heap per block, as ours is sgemm + top-k; the difference is "
+               "the sgemm: faiss-cpu's OpenBLAS runs it faster on this CPU than torch's MKL (see gemm_s, torch's "
+               "similarity matrices alone, with no ranking)"),
+    "triplet_semihard": ("the floor sums a masked (B, B) hinge; ours goes through index lists (the miner's output that "
+                         "any loss takes), and on random embeddings nearly every negative is semi-hard, so the lists "
+                         "are almost (B, B)"),
+}
 
 
-def bench_info_nce(sizes, dim: int, repeats: int, pml_max: int) -> dict:
-    from pytorch_metric_learning.distances import CosineSimilarity
-    from pytorch_metric_learning.losses import NTXentLoss
-
-    out = {}
-    for b in sizes:
-        g = torch.Generator().manual_seed(b)
-        x0, y0 = torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
-        labels = torch.arange(b)
-        tau = 0.07
-
-        def run(fn, x0=x0, y0=y0):
-            return forward_backward(fn, x0, y0)
-
-        def ours(x, y):
-            return info_nce(x, y, temperature=tau)
-
-        def floor(x, y):
-            logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T / tau
-            return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-        ntxent = NTXentLoss(temperature=tau, distance=CosineSimilarity())
-
-        ref_labels = labels.clone()  # PML treats ref_labels *identical* to labels as self-pairs (diagonal dropped)
-
-        def pml(x, y):  # anchors x against references y, then the other way: the symmetric loss
-            return 0.5 * (ntxent(x, labels, ref_emb=y, ref_labels=ref_labels)
-                          + ntxent(y, labels, ref_emb=x, ref_labels=ref_labels))
-
-        ref_loss, ref_grad = run(floor)()
-        l, gr = run(ours)()
-        diff = max(close(l, ref_loss, 1e-5), close(gr, ref_grad, 1e-6))
-        peers = {}
-        if b <= pml_max:
-            pl, pg = run(pml)()
-            diff = max(diff, close(pl, ref_loss, 1e-4), close(pg, ref_grad, 1e-6))
-            peers["pml_ntxent"] = timed(run(pml), repeats)
-        else:
-            peers["pml_ntxent"] = None
-        with checks_disabled():
-            ours_s = timed(run(ours), repeats)
-        r = row(ours_s, peers, timed(run(floor), repeats), max_abs_diff=diff,
-                ours_with_input_checks_s=timed(run(ours), repeats))
-        if b > pml_max:
-            r["pml_ntxent"] = f"not run: above --pml-max {pml_max} (its pair tables grow as B^3 in memory)"
-        out[f"B={b}"] = r
-        show(f"info_nce forward+backward B={b}", r)
-    return out
-
-
-# ---- triplet, hardest negative ---------------------------------------------------------------------
-
-
-def bench_triplet_hardest(sizes, dim: int, repeats: int, margin: float = 0.2) -> dict:
-    from pytorch_metric_learning.distances import CosineSimilarity
-    from pytorch_metric_learning.losses import TripletMarginLoss
-    from pytorch_metric_learning.miners import BatchHardMiner
-    from pytorch_metric_learning.reducers import MeanReducer
-
-    out = {}
-    for b in sizes:
-        g = torch.Generator().manual_seed(b)
-        x0, y0 = torch.randn(b, dim, generator=g), torch.randn(b, dim, generator=g)
-        ids = torch.arange(b)
-
-        def run(fn, x0=x0, y0=y0):
-            return forward_backward(fn, x0, y0)
-
-        def ours(x, y):
-            sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
-            neg_i, neg_t = hardest_negatives(sim.detach(), ids=ids, k=1)
-            return triplet_loss(sim, neg_i, neg_t, margin=margin)
-
-        def floor(x, y):
-            sim = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
-            pos = sim.diagonal()
-            off = sim.detach().clone()
-            off.fill_diagonal_(float("-inf"))
-            j, r = off.argmax(1), off.argmax(0)
-            return 0.5 * (F.relu(margin - pos + sim[ids, j]).mean() + F.relu(margin - pos + sim[r, ids]).mean())
-
-        dist, miner = CosineSimilarity(), BatchHardMiner(distance=CosineSimilarity())
-        loss_fn = TripletMarginLoss(margin=margin, distance=dist, reducer=MeanReducer())
-
-        ref = ids.clone()  # PML treats ref_labels *identical* to labels as self-pairs (diagonal dropped)
-
-        def pml(x, y):
-            t1 = miner(x, ids, y, ref)
-            t2 = miner(y, ids, x, ref)
-            return 0.5 * (loss_fn(x, ids, t1, y, ref) + loss_fn(y, ids, t2, x, ref))
-
-        ref_loss, ref_grad = run(floor)()
+def bench_section(name: str, quick: bool, repeats: int, threads: int, pml_max: int) -> dict:
+    spec, out = SECTIONS[name], {}
+    for params in spec["cases"](quick):
+        label = spec["label"](params)
+        results, peers, skipped = {}, {}, {}
+        for contender in spec["contenders"]:
+            if contender == "pml_ntxent" and params["B"] > pml_max:
+                skipped[contender] = f"not run: above --pml-max {pml_max} (its pair tables grow as B^3 in memory)"
+                continue
+            results[contender] = run_worker(name, contender, params, repeats, threads)
+        reference = spec.get("reference") or ("floor" if "floor" in results else "ours")
         diff = 0.0
-        for fn in (ours, pml):
-            l, gr = run(fn)()
-            diff = max(diff, close(l, ref_loss, 1e-5), close(gr, ref_grad, 1e-6))
-        with checks_disabled():
-            ours_s = timed(run(ours), repeats)
-        r = row(ours_s, {"pml": timed(run(pml), repeats)}, timed(run(floor), repeats), max_abs_diff=diff,
-                ours_with_input_checks_s=timed(run(ours), repeats))
-        out[f"B={b}"] = r
-        show(f"triplet hardest fwd+bwd B={b}", r)
+        for contender, r in results.items():
+            tol = spec["tol"].get(contender)
+            if contender == reference or tol is None:
+                continue
+            d = max_difference(r["result"], results[reference]["result"])
+            if not d <= tol:
+                raise AssertionError(f"{name} {label}: {contender} differs from {reference} by {d:.3g} > {tol:.3g}")
+            diff = max(diff, d)
+        for contender in spec["contenders"]:
+            if contender not in ("ours", "floor", "gemm"):
+                peers[contender] = results[contender]["seconds"] if contender in results else None
+        extra = {"max_abs_diff": diff, **skipped}
+        if spec.get("checks"):
+            extra["ours_with_input_checks_s"] = run_worker(name, "ours", params, repeats, threads, checks=True)["seconds"]
+        if "gemm" in results:
+            extra["gemm_s"] = results["gemm"]["seconds"]
+        for contender in spec.get("memory", ()):
+            extra[f"{contender}_peak_MB"] = results[contender]["peak_MB"]
+        if name == "recall":
+            extra["recall"] = results["ours"]["result"]
+        if name == "lamb":
+            extra["parameters"] = results["ours"]["result"]["parameters"]
+        r = row(results["ours"]["seconds"], peers, results["floor"]["seconds"] if "floor" in results else None, **extra)
+        if not r["targets met"] and name in WHY:
+            r["why"] = WHY[name]
+        out[label] = r
+        show(f"{name} {label}", r)
     return out
 
 
-# ---- recall on a large gallery ---------------------------------------------------------------------
-
-
-def _peak_mb(fn) -> float:
-    from mmalign.experiments.scaling import peak_memory_bytes
-
-    return peak_memory_bytes(fn) / 2**20
-
-
-def bench_recall(n_images: int, captions_per_image: int, dim: int, repeats: int, ks=(1, 5, 10)) -> dict:
-    import faiss
-    import numpy as np
-
-    g = torch.Generator().manual_seed(0)
-    img = F.normalize(torch.randn(n_images, dim, generator=g), dim=1)
-    img_ids = torch.arange(n_images)
-    txt_ids = torch.arange(n_images).repeat_interleave(captions_per_image)
-    # noise 4x the signal: positives at cosine ~0.24 among 100k captions, so recall is far from 0 and from 1
-    txt = F.normalize(img[txt_ids] + 4.0 * F.normalize(torch.randn(len(txt_ids), dim, generator=g), dim=1), dim=1)
-    kmax = max(ks)
-
-    def from_topk(top, q_ids, g_ids):  # (Q, kmax) gallery indices -> recall@k
-        hit = g_ids[top] == q_ids[:, None]
-        return {k: float(hit[:, :k].any(1).float().mean()) for k in ks}
-
-    def ours():
-        return (recall_at_k(img, txt, img_ids, txt_ids, ks, normalize=False),
-                recall_at_k(txt, img, txt_ids, img_ids, ks, normalize=False))
-
-    def floor(chunk=1024):
-        def topk(q, gal):
-            return torch.cat([torch.topk(q[s:s + chunk] @ gal.T, kmax, dim=1).indices for s in range(0, len(q), chunk)])
-        return from_topk(topk(img, txt), img_ids, txt_ids), from_topk(topk(txt, img), txt_ids, img_ids)
-
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    x_img, x_txt = img.numpy(), txt.numpy()
-
-    def peer():
-        it, ti = faiss.IndexFlatIP(dim), faiss.IndexFlatIP(dim)
-        it.add(x_txt)
-        ti.add(x_img)
-        _, top_i2t = it.search(x_img, kmax)
-        _, top_t2i = ti.search(x_txt, kmax)
-        return (from_topk(torch.from_numpy(top_i2t.astype(np.int64)), img_ids, txt_ids),
-                from_topk(torch.from_numpy(top_t2i.astype(np.int64)), txt_ids, img_ids))
-
-    results = {"ours": ours(), "faiss": peer(), "floor": floor()}
-    diff = max(abs(results[n][d][k] - results["floor"][d][k]) for n in ("ours", "faiss") for d in (0, 1) for k in ks)
-    if diff > 1e-4:  # random float data: no ties, so expected recall = top-k recall
-        raise AssertionError(f"recalls differ by {diff}: {results}")
-    with checks_disabled():
-        ours_s = timed(ours, repeats)
-        ours_mb = _peak_mb(ours)
-    r = row(ours_s, {"faiss": timed(peer, repeats)}, timed(floor, repeats), max_abs_diff=diff,
-            ours_peak_MB=ours_mb, floor_peak_MB=_peak_mb(floor),
-            recall={"i2t": results["ours"][0], "t2i": results["ours"][1]})
-    r["peak under 2 GB"] = ours_mb < 2048
-    if not r["targets met"]:
-        r["why"] = ("ours is at the floor (one matmul and one top-k per chunk of queries, in torch); faiss's "
-                    "flat search fuses the top-k into its blocked inner-product kernel in C++")
-    show(f"recall@1/5/10 both ways {n_images}x{n_images * captions_per_image}", r)
-    return {f"{n_images} images x {n_images * captions_per_image} captions": r}
-
-
-# ---- LAMB ------------------------------------------------------------------------------------------
-
-
-def _model(width: int, depth: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(width, width) for _ in range(depth)]
-    model = torch.nn.Sequential(*layers)
-    with torch.no_grad():
-        for p in model.parameters():  # keep every layer's norm below torch-optimizer's clamp of 10
-            p.mul_(0.2)
-    return model
-
-
-def bench_lamb(width: int, depth: int, repeats: int) -> dict:
-    import torch_optimizer
-
-    def make(kind):
-        model = _model(width, depth)
-        g = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=g) * 1e-2
-        if kind == "ours":
-            opt = LAMB(model.parameters(), lr=1e-3, weight_decay=0.01, bias_correction=False)
-        elif kind == "torch_optimizer":
-            opt = torch_optimizer.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6, debias=False)
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, eps=1e-6)
-        return model, opt
-
-    n_params = sum(p.numel() for p in _model(width, depth).parameters())
-    states = {}
-    for kind in ("ours", "torch_optimizer"):
-        model, opt = make(kind)
-        for _ in range(3):
-            opt.step()
-        states[kind] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    diff = close(states["ours"], states["torch_optimizer"], 1e-6)
-    times = {}
-    for kind in ("ours", "torch_optimizer", "adamw"):
-        _, opt = make(kind)
-        times[kind] = timed(opt.step, repeats)
-    r = row(times["ours"], {"torch_optimizer": times["torch_optimizer"]}, times["adamw"], max_abs_diff=diff,
-            parameters=n_params)
-    if not r["targets met"]:
-        r["why"] = ("torch-optimizer folds the weight decay and the step into fused `add_(x, alpha=...)` calls; "
-                    "ours keeps two separate multiplications so that the update is bit-identical to the "
-                    "written-out formula (tests/test_dist.py), one extra pass over each parameter")
-    show(f"LAMB step, {n_params / 1e6:.1f}M parameters", r)
-    return {f"{n_params / 1e6:.1f}M parameters": r}
-
-
-# ---- queue -----------------------------------------------------------------------------------------
-
-
-def bench_queue(size: int, dim: int, batch: int, steps: int, repeats: int) -> dict:
-    from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory
-
-    g = torch.Generator().manual_seed(0)
-    keys = torch.randn(steps, batch, dim, generator=g)
-    ids = torch.randint(0, 10_000, (steps, batch), generator=g)
-
-    def ours():
-        q = MoCoQueue(size, dim)
-        for t in range(steps):
-            q.enqueue(keys[t], ids[t])
-            read = q.keys
-        return q.keys, q.ids, read
-
-    def peer():
-        m = CrossBatchMemory(ContrastiveLoss(), dim, memory_size=size)
-        for t in range(steps):
-            m.add_to_memory(keys[t], ids[t], batch)
-            read = m.embedding_memory if m.has_been_filled else m.embedding_memory[:m.queue_idx]
-        return m.embedding_memory, m.label_memory, read
-
-    (ok, oi, _), (pk, pi, _) = ours(), peer()
-    diff = close(ok, pk, 0.0)
-    if not torch.equal(oi, pi):
-        raise AssertionError("queue ids differ")
-    with checks_disabled():
-        ours_s = timed(ours, repeats)
-    r = row(ours_s, {"pml_crossbatchmemory": timed(peer, repeats)}, max_abs_diff=diff,
-            note=f"{steps} enqueues of {batch} keys and a read after each")
-    show(f"queue {size}x{dim}", r)
-    return {f"{size} x {dim}, batch {batch}": r}
-
-
-# ---- Sinkhorn (benchmarks/bench_sinkhorn.py, owned by chapter 8) ---------------------------------------
-
-
-def bench_sinkhorn(quick: bool) -> dict:
+def bench_sinkhorn(quick: bool, threads: int) -> dict:
     script = Path(__file__).with_name("bench_sinkhorn.py")
     try:
         import mmalign.ot  # noqa: F401
         import ot  # noqa: F401
     except ImportError as err:
         return {"skipped": f"needs mmalign.ot and POT: {err}"}
-    args = [sys.executable, str(script)] + (["--n", "512", "--k", "128", "--repeats", "2"] if quick else [])
+    args = [sys.executable, str(script), "--threads", str(threads)] + (
+        ["--n", "512", "--k", "128", "--repeats", "2"] if quick else [])
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
         return {"failed": done.stderr[-2000:]}
+    from mmalign.config import results_dir
+
     r = json.loads((results_dir() / "bench_sinkhorn.json").read_text())
     ratio = r.get("ratio_pot_torch_over_ours")
-    print(f"{'sinkhorn (bench_sinkhorn.py)':<40} ours {r['ours_s'] * 1000:9.2f} ms  pot_torch/ours={ratio:.2f}", flush=True)
+    print(f"{'sinkhorn (bench_sinkhorn.py)':<46} ours {r['ours_s'] * 1000:9.2f} ms  pot_torch/ours={ratio:.2f}", flush=True)
     return {"see": "results/bench_sinkhorn.json", **r}
 
 
@@ -384,40 +481,39 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the script")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch / OpenMP threads of every contender (default: the machine's cores)")
     parser.add_argument("--pml-max", type=int, default=256, help="largest B for PML's NTXentLoss (memory)")
     parser.add_argument("--only", default=None, help="comma-separated sections to run")
     parser.add_argument("--out", default=None, help="default: results/bench.json (with --quick: a temporary file)")
+    parser.add_argument("--worker", nargs=2, metavar=("SECTION", "CONTENDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--checks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(*args.worker, json.loads(args.params), args.repeats or 3, args.checks, args.out)
+        return
     try:
         import faiss  # noqa: F401
         import pytorch_metric_learning  # noqa: F401
         import torch_optimizer  # noqa: F401
     except ImportError as err:
         raise SystemExit(f"{err.name} is missing: pip install -e .[bench]") from None
-    torch.set_num_threads(args.threads)
+    from mmalign.config import results_dir
+
     quick = args.quick
     repeats = args.repeats or (2 if quick else 5)
-    sections = {
-        "info_nce": lambda: bench_info_nce((256, 1024) if quick else (256, 1024, 4096), 256, repeats,
-                                           min(args.pml_max, 256) if quick else args.pml_max),
-        "triplet_hardest": lambda: bench_triplet_hardest((256, 1024) if quick else (1024, 4096), 256, repeats),
-        "recall": lambda: bench_recall(1000 if quick else 20_000, 5, 256, max(1, repeats // 2) if not quick else 1),
-        "lamb": lambda: bench_lamb(1024 if quick else 2048, 2 if quick else 6, repeats),
-        "queue": lambda: bench_queue(4096 if quick else 65_536, 256, 256, 64 if quick else 512, repeats),
-        "sinkhorn": lambda: bench_sinkhorn(quick),
-    }
-    chosen = args.only.split(",") if args.only else list(sections)
-    unknown = [name for name in chosen if name not in sections]
+    names = list(SECTIONS) + ["sinkhorn"]
+    chosen = args.only.split(",") if args.only else names
+    unknown = [name for name in chosen if name not in names]
     if unknown:
-        parser.error(f"unknown section(s) {unknown} in --only; choose from {', '.join(sections)}")
+        parser.error(f"unknown section(s) {unknown} in --only; choose from {', '.join(names)}")
     out = {"date": datetime.date.today().isoformat(), "quick": quick, "repeats": repeats, "threads": args.threads,
-           "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-           "torch": torch.__version__, "versions": _versions(),
+           "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s)",
+           "processes": "one fresh process per contender", "torch": torch.__version__, "versions": _versions(),
            "targets": f"peer/ours >= {TARGET_PEER} for every peer, ours/floor <= {TARGET_FLOOR}",
            "results": {}}
-    import tempfile
-
     path = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "bench_quick.json" if quick
                                             else results_dir() / "bench.json")
     if args.only and path.exists():  # rerun some sections: keep the others of the existing file
@@ -426,7 +522,13 @@ def main(argv=None) -> None:
                                                          for name in chosen}}
         out = {**previous, "sections_rerun": rerun}
     for name in chosen:
-        out["results"][name] = sections[name]()
+        if name == "sinkhorn":
+            out["results"][name] = bench_sinkhorn(quick, args.threads)
+        else:
+            # recall at 20k x 100k takes ~20 s a call: fewer repeats
+            reps = max(1, repeats // 2) if name == "recall" and not quick else repeats
+            out["results"][name] = bench_section(name, quick, reps, args.threads, min(args.pml_max, 256) if quick
+                                                 else args.pml_max)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -158,11 +158,16 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, query_ids, gallery_i
             above[r], tied[r] = (scores[r] > best[r]).sum(1), (scores[r] == best[r]).sum(1)
         above, tied_neg = above.double(), tied.double() - tied_pos
         del scores, top  # free this chunk's scores before the next chunk's are computed (peak: one chunk)
-        m = (k_tensor[None, :] - above[:, None])  # tied slots left inside the top K
-        t, p = tied_neg[:, None], tied_pos[:, None]
-        m_safe = m.clamp(0, None).minimum(t)
-        p_miss = torch.exp(_log_comb(t, m_safe) - _log_comb(t + p, m_safe))
-        p_hit = torch.where(m <= 0, torch.zeros_like(m), torch.where(m > t, torch.ones_like(m), 1 - p_miss))
+        # Without a negative tied with the best positive, a hit is certain or impossible: above < K. Only
+        # the (rare) rows with such ties need the hypergeometric chance, computed on those rows alone.
+        p_hit = (above[:, None] < k_tensor[None, :]).double()
+        r = (tied_neg > 0).nonzero().flatten()
+        if len(r):
+            m = (k_tensor[None, :] - above[r, None])  # tied slots left inside the top K
+            t, p = tied_neg[r, None], tied_pos[r, None]
+            m_safe = m.clamp(0, None).minimum(t)
+            p_miss = torch.exp(_log_comb(t, m_safe) - _log_comb(t + p, m_safe))
+            p_hit[r] = torch.where(m <= 0, torch.zeros_like(m), torch.where(m > t, torch.ones_like(m), 1 - p_miss))
         hits += p_hit.sum(0)
     return {k: float(h) / query.shape[0] for k, h in zip(ks, hits)}
 
