@@ -137,12 +137,13 @@ def test_bad_input():
 DDP_VARIANTS = ("gathered", "local_loss", "siglip")
 
 
-def _ddp_run(variant, chunk):
+def _ddp_run(variant, chunk, device="cpu"):
     """fit with a temperature (and for SigLIP a bias) trained outside the model; ``chunk=None``: the plain
-    full-batch loss. Returns the weights, the outside parameters and the gradients of the first step."""
-    model = _ddp_model()
-    temp = LearnableTemperature(0.1)
-    bias = nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
+    full-batch loss. Returns the weights, the outside parameters and the gradients of the first step (on
+    the CPU)."""
+    model = _ddp_model().to(device)
+    temp = LearnableTemperature(0.1).to(device)
+    bias = nn.Parameter(torch.tensor(-2.0, dtype=torch.float64, device=device))
     extra = [*temp.parameters(), *([bias] if variant == "siglip" else [])]
     first = {}
 
@@ -160,13 +161,13 @@ def _ddp_run(variant, chunk):
 
     def after_step(m, batch, global_step):
         if global_step == 1:  # the optimizer has stepped; the gradients it used are still there
-            first.update({k: p.grad.clone() for k, p in m.named_parameters()})
-            first.update({f"extra{i}": p.grad.clone() for i, p in enumerate(extra)})
+            first.update({k: p.grad.cpu().clone() for k, p in m.named_parameters()})
+            first.update({f"extra{i}": p.grad.cpu().clone() for i, p in enumerate(extra)})
 
     fit(model, step, _fit_data(), optimizer=torch.optim.Adam([*model.parameters(), *extra], lr=1e-2), epochs=2,
-        batch_size=DDP_BATCH, seed=4, device="cpu", progress=False, after_step=after_step)
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
-            "extra": [p.detach().clone() for p in extra], "first grads": first}
+        batch_size=DDP_BATCH, seed=4, device=device, amp=False, progress=False, after_step=after_step)
+    return {"state": {k: v.cpu().clone() for k, v in model.state_dict().items()},
+            "extra": [p.detach().cpu().clone() for p in extra], "first grads": first}
 
 
 def _ddp_worker(rank, tmp):
@@ -183,15 +184,72 @@ def ddp_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", DDP_VARIANTS)
 def test_grad_cache_on_two_processes_equals_the_full_batch_on_one(ddp_runs, variant):
-    """The reference is the ordinary full-batch backward in one process (no GradCache, no processes)."""
+    """The reference is the ordinary full-batch backward in one process (no GradCache, no processes): the
+    gradients of the first step (averaged by DDP), the weights after every step, the outside parameters."""
+    _compare_to_one_process(ddp_runs, variant)
     ref = _ddp_run(variant, chunk=None)
-    for r in range(WORLD):
-        got = ddp_runs[r][variant]
-        for k, g in ref["first grads"].items():  # the gradient of the first step, averaged by DDP
-            tol = dict(rtol=1e-6, atol=1e-8) if k.startswith("extra") and k != "extra1" else dict(rtol=1e-9, atol=1e-11)
-            torch.testing.assert_close(got["first grads"][k], g, **tol, msg=f"rank {r}, {k}")
-        for k, v in ref["state"].items():  # and every step after it
-            torch.testing.assert_close(got["state"][k], v, rtol=1e-6, atol=1e-8, msg=f"rank {r}, {k}")
-        for got_p, ref_p in zip(got["extra"], ref["extra"]):
+    for run in ddp_runs:
+        for got_p, ref_p in zip(run[variant]["extra"], ref["extra"]):
             torch.testing.assert_close(got_p, ref_p, rtol=1e-6, atol=1e-7)
     assert abs(float(ref["extra"][0]) - float(torch.log(torch.tensor(10.0)))) > 1e-3  # the temperature trained
+
+
+def _compare_to_one_process(runs, variant, rtol=1e-9, atol=1e-11):
+    ref = _ddp_run(variant, chunk=None)
+    for r, run in enumerate(runs):
+        got = run[variant]
+        for k, g in ref["first grads"].items():
+            tol = dict(rtol=1e-6, atol=1e-8) if k == "extra0" else dict(rtol=rtol, atol=atol)  # extra0: float32
+            torch.testing.assert_close(got["first grads"][k], g, **tol, msg=f"rank {r}, {k}")
+        for k, v in ref["state"].items():
+            torch.testing.assert_close(got["state"][k], v, rtol=1e-6, atol=1e-8, msg=f"rank {r}, {k}")
+
+
+def _nccl_worker(rank, tmp):
+    import os
+
+    import torch.distributed as td
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.cuda.set_device(rank)
+    td.init_process_group("nccl", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        torch.save({v: _ddp_run(v, chunk=4, device=f"cuda:{rank}") for v in DDP_VARIANTS}, f"{tmp}/r{rank}.pt")
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 CUDA GPUs (one per process)")
+def test_grad_cache_under_nccl_on_two_gpus_equals_the_full_batch_on_one_cpu_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nccl_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    runs = [torch.load(tmp_path / f"r{r}.pt") for r in range(WORLD)]
+    for variant in DDP_VARIANTS:
+        _compare_to_one_process(runs, variant, rtol=1e-7, atol=1e-9)  # float64 on the GPUs: other summation order
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grad_cache_on_cuda_replays_dropout_and_keeps_float32_logits_under_autocast():
+    x, y, ids = (t.cuda() for t in data())
+    x, y = x.float(), y.float()
+    ref_model, m = model(p=0.5).float().cuda(), model(p=0.5).float().cuda()
+    torch.manual_seed(5)
+    zi = torch.cat([ref_model["i"](x[s:s + 4]) for s in range(0, B, 4)])
+    zt = torch.cat([ref_model["t"](y[s:s + 4]) for s in range(0, B, 4)])
+    ref = info_nce(zi, zt, temperature=0.1, ids=ids)
+    ref.backward()
+    torch.manual_seed(5)
+    loss = grad_cache_loss(lambda a, b: (m["i"](a), m["t"](b)), lambda u, v: info_nce(u, v, temperature=0.1, ids=ids),
+                           (x, y), chunk_size=4, params=m.parameters())
+    loss.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    for got, want in zip(grads(m), grads(ref_model)):  # CUDA dropout masks replayed in the second pass
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    m.zero_grad()
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = grad_cache_loss(lambda a, b: (m["i"](a), m["t"](b)),
+                               lambda u, v: info_nce(u, v, temperature=0.1, ids=ids), (x, y), chunk_size=4,
+                               params=m.parameters())
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(torch.isfinite(p.grad).all() for p in m.parameters())
