@@ -95,17 +95,6 @@ def _topk_rows(scores: torch.Tensor, keep: torch.Tensor, k: int) -> torch.Tensor
     return idx
 
 
-def _all_rows(keep: torch.Tensor) -> torch.Tensor:
-    """(B, w) column indices of every ``keep`` entry per row, in index order, -1 padded; w is the largest
-    count of a row (at least 1). One cumulative sum and one scatter: no sort."""
-    n_rows, n_cols = keep.shape
-    width = max(int(keep.sum(1).max()), 1) if n_rows else 1
-    slot = torch.where(keep, keep.cumsum(1) - 1, width)  # entries outside keep go to a spare column
-    out = torch.full((n_rows, width + 1), -1, dtype=torch.long, device=keep.device)
-    out.scatter_(1, slot, torch.arange(n_cols, device=keep.device).expand(n_rows, n_cols))
-    return out[:, :width]
-
-
 def _paired_positive(s: torch.Tensor, valid, pos, name: str) -> torch.Tensor:
     """s_pos (B,) of the anchors on the rows of ``s`` (B, M): ``s[a, pos[a]]``, pos defaulting to the
     diagonal. ``valid`` (optional, (B, M) negative mask) checks that no positive is a negative."""
@@ -235,7 +224,9 @@ def semi_hard_negatives(
         margin: m > 0, the width of the window below the positive.
         k: negatives per anchor (>= 1); -1 pads anchors with fewer semi-hard negatives. ``None``: every
             semi-hard negative (all semi-hard triplets, as PML's ``TripletMarginMiner(type_of_triplets=
-            "semihard")`` mines them), in index order, in as many columns as the anchor with the most.
+            "semihard")`` mines them) as a table with one column per candidate: entry j is j where
+            candidate j is a semi-hard negative of the anchor, -1 elsewhere (one pass, no sort or
+            compaction; every loss reads -1 as "none" wherever it sits).
         fallback: ``"hardest"``: an anchor with *no* semi-hard negative gets its k hardest
             negatives instead (as :func:`hardest_negatives`; its single hardest when ``k=None``);
             ``"none"``: it gets a row of -1.
@@ -259,12 +250,17 @@ def semi_hard_negatives(
     out = []
     for s, v, s_pos in ((sim, valid, s_pos_img), (sim.T, valid.T, s_pos_txt)):
         window = v & (s < s_pos[:, None]) & (s > s_pos[:, None] - margin)
-        neg = _all_rows(window) if k is None else _topk_rows(s, window, k)
+        if k is None:
+            if fallback == "hardest":  # an anchor without any: its hardest negative, if it has one
+                hardest = _topk_rows(s, v, 1)
+                none = ~window.any(1, keepdim=True) & (hardest >= 0)
+                window = window | (none & (torch.arange(s.shape[1], device=s.device) == hardest))
+            columns = torch.arange(s.shape[1], device=s.device).expand_as(window)
+            out.append(torch.where(window, columns, -1))
+            continue
+        neg = _topk_rows(s, window, k)
         if fallback == "hardest":
-            hardest = _topk_rows(s, v, 1 if k is None else k)
-            if k is None:  # the single hardest in the first column, -1 after it
-                hardest = torch.cat([hardest, hardest.new_full((hardest.shape[0], neg.shape[1] - 1), -1)], dim=1)
-            neg = torch.where(neg[:, :1] == -1, hardest, neg)
+            neg = torch.where(neg[:, :1] == -1, _topk_rows(s, v, k), neg)
         out.append(neg)
     return out[0], out[1]
 
