@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="default: results/bench_sinkhorn.json")
     args = parser.parse_args()
     try:
         import ot as pot
@@ -72,7 +73,7 @@ def main() -> None:
         "plans_equal": equal, "pot_version": pot.__version__, "torch": torch.__version__,
         "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch thread(s)",
     }
-    path = Path(results_dir()) / "bench_sinkhorn.json"
+    path = Path(args.out) if args.out else Path(results_dir()) / "bench_sinkhorn.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not equal:
