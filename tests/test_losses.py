@@ -168,6 +168,16 @@ def test_triplet_errors():
         triplet_loss(s, ok[:2], ok)
     with pytest.raises(ValueError, match="margin"):
         triplet_loss(s, ok, ok, margin=-1)
+    # the index scans are value scans: off under checks.disabled() (structural checks stay on)
+    from mmalign import checks
+    own = torch.tensor([[0], [2], [0]])
+    with checks.disabled():
+        sim = torch.tensor([[0.9, 0.1, 0.2], [0.3, 0.8, 0.1], [0.2, 0.4, 0.7]])
+        want = (torch.relu(0.2 - sim.diagonal() + torch.tensor([0.9, 0.1, 0.2])).sum()
+                + torch.relu(0.2 - sim.diagonal() + sim[[1, 2, 0], [0, 1, 2]]).sum()) / 6
+        assert torch.allclose(triplet_loss(sim, own, ok), want)  # the formula on what it was given
+        with pytest.raises(ValueError, match=r"shape \(3, k\)"):
+            triplet_loss(s, ok[:2], ok)
     with pytest.raises(ValueError, match="reduction"):
         triplet_loss(s, ok, ok, reduction="none")
 

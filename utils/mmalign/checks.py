@@ -14,7 +14,8 @@ The rules:
           loss = info_nce(a, b)
 
   Only the element-wise scans are switched off (finiteness, and the few value checks that read every
-  element: rows of codebook targets summing to 1, a plan's mass, labels below the vocabulary size);
+  element: rows of codebook targets summing to 1, a plan's mass, labels below the vocabulary size,
+  mined negative indices in range and never the anchor's own positive);
   structural checks stay on. On chapter 2's training loop
   the scans cost under 2 % of a step (0.1-0.9 % per loss of the zoo on CPU, measured with
   ``benchmarks/check_overhead.py``): a scan is one sum per tensor and one host sync per call

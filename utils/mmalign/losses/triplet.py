@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .._deprecation import keyword_settings
+from .. import checks
 from ..checks import check_real
 from ._checks import check_pair, check_sim
 from ..retrieval import _similarity as similarity
@@ -102,9 +103,13 @@ def _check_negatives(neg: torch.Tensor, n: int, name: str, device) -> torch.Tens
         raise ValueError(f"{name} must hold integer indices (a LongTensor), got dtype {neg.dtype}")
     if neg.dim() != 2 or neg.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n}, k), one row per anchor, got {tuple(neg.shape)}")
-    if neg.numel() and bool(((neg < -1) | (neg >= n)).any()):
-        bad = neg[(neg < -1) | (neg >= n)][0].item()
-        raise ValueError(f"{name} holds index {bad}, out of range: use 0..{n - 1}, or -1 for 'no negative'")
-    if bool((neg == torch.arange(n, device=neg.device)[:, None]).any()):
-        raise ValueError(f"{name} lists an anchor's own positive (index i in row i) as a negative; check the miner")
+    # value scans (one fused pass; off under checks.disabled(), like the finiteness scans)
+    if checks.enabled() and neg.numel():
+        own = neg == torch.arange(n, device=neg.device)[:, None]
+        if bool(((neg < -1) | (neg >= n) | own).any()):
+            out_of_range = (neg < -1) | (neg >= n)
+            if bool(out_of_range.any()):
+                bad = neg[out_of_range][0].item()
+                raise ValueError(f"{name} holds index {bad}, out of range: use 0..{n - 1}, or -1 for 'no negative'")
+            raise ValueError(f"{name} lists an anchor's own positive (index i in row i) as a negative; check the miner")
     return neg.long()
