@@ -51,13 +51,22 @@ Grading executes student code: with bubblewrap it runs in a sandbox; without it,
 container or a throwaway account, never as yourself on a machine holding anything of value.
 """
 
-from .checking import check_labs, secret_lines
-from .cli import main
-from .generation import generate_lab, generate_labs, lab_text, write_lab
-from .grading import format_report, grade_dir, grade_notebook, lab_config
-from .notebook import (CODE_STUB, CSV_COLUMNS, FORBIDDEN_IN_LABS, HEADER_EXAMPLE, KERNELSPEC, LEAK_MIN_CHARS,
-                       MARKDOWN_STUB, LabFormatError, compute_checksum, iter_solutions, lab_path_for,
-                       read_solution, solution_as_notebook)
+import importlib
+
+# ``import mmalign.labs`` is cheap (nbformat and the grader load on first use): a test cell in a student's
+# kernel imports ``mmalign.labs.testing`` without paying for nbformat's schema validator.
+_EXPORTS = {
+    "checking": ("check_labs", "secret_lines"),
+    "cli": ("main",),
+    "generation": ("generate_lab", "generate_labs", "lab_text", "write_lab"),
+    "grading": ("format_report", "grade_dir", "grade_notebook", "lab_config"),
+    "notebook": ("CODE_STUB", "CSV_COLUMNS", "FORBIDDEN_IN_LABS", "HEADER_EXAMPLE", "KERNELSPEC", "LEAK_MIN_CHARS",
+                 "MARKDOWN_STUB", "LabFormatError", "compute_checksum", "iter_solutions", "lab_path_for",
+                 "read_solution", "solution_as_notebook"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = ("checking", "cli", "generation", "grading", "notebook", "remote", "review", "runner", "sandbox",
+               "testing")
 
 __all__ = [
     "LabFormatError",
@@ -78,3 +87,17 @@ __all__ = [
     "secret_lines",
     "main",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE) | set(_SUBMODULES))
