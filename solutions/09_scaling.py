@@ -110,18 +110,52 @@ single = scaling.reference_check()
 print(f"2 processes: {two['loss']:.10f}   1 process: {single['loss']:.10f}")
 
 # %% nbgrader={"grade": true, "grade_id": "two_process_test", "locked": true, "points": 4, "schema_version": 3, "solution": false, "task": false}
-# run here: your function on two processes (in your notebook's process under the grader), against one process
+# In your notebook this reads your 2-process run above. The grader starts 2 processes of your notebook itself,
+# sends each its half of the batch and compares what your function returns there (loss and gradient) with
+# the single-process InfoNCE, computed in the grader.
 from mmalign.experiments import scaling
-from mmalign.labs.testing import student_side
+from mmalign.labs.testing import grading, on_processes
 
-test_two = student_side(scaling.check_on_processes, my_gathered_info_nce)
-test_single = scaling.reference_check()
+
+def two_process_values(loss_fn, a, b, temperature):
+    """Mean of the 2 processes' losses and its gradient wrt every row, from what loss_fn returns on each."""
+    n = a.shape[0] // 2
+    halves = [(a[r * n:(r + 1) * n].clone().requires_grad_(), b[r * n:(r + 1) * n].clone().requires_grad_(), temperature)
+              for r in range(2)]
+    out = on_processes(loss_fn, halves)
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v, _ in out), f"expected a scalar tensor on each process, got {[v for v, _ in out]!r}"
+    grads = [torch.cat([g[i] if g[i] is not None else torch.zeros_like(h[i]) for (_, g), h in zip(out, halves)]) / 2
+             for i in range(2)]
+    return {"loss": sum(float(v) for v, _ in out) / 2, "grad_a": grads[0], "grad_b": grads[1]}
+
+
+def one_process_values(a, b, temperature):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = info_nce(a, b, temperature=temperature)
+    grad_a, grad_b = torch.autograd.grad(loss, (a, b))
+    return {"loss": float(loss.detach()), "grad_a": grad_a, "grad_b": grad_b}
+
+
+if grading():
+    test_g = torch.Generator().manual_seed(0)
+    test_a, test_b = (torch.randn(16, 6, generator=test_g, dtype=torch.float64) for _ in range(2))
+    test_two, test_single = two_process_values(my_gathered_info_nce, test_a, test_b, 0.1), one_process_values(test_a, test_b, 0.1)
+else:
+    test_two, test_single = two, single
 assert abs(test_two["loss"] - test_single["loss"]) < 1e-10, f"2 processes: expected the single-process loss {test_single['loss']:.10f}, got {test_two['loss']:.10f}"
 diff_a = float((test_two["grad_a"] - test_single["grad_a"]).abs().max())
 assert diff_a < 1e-10, f"gradient wrt the image rows: expected the single-process gradient, max |difference| {diff_a:.3g}"
 ### BEGIN HIDDEN TESTS
 diff_b = float((test_two["grad_b"] - test_single["grad_b"]).abs().max())
 assert diff_b < 1e-10, f"gradient wrt the caption rows: expected the single-process gradient, max |difference| {diff_b:.3g}"
+if grading():  # another batch and temperature, the same way
+    hidden_g = torch.Generator().manual_seed(7)
+    hidden_a, hidden_b = (torch.randn(12, 4, generator=hidden_g, dtype=torch.float64) for _ in range(2))
+    hidden_two, hidden_single = two_process_values(my_gathered_info_nce, hidden_a, hidden_b, 0.05), one_process_values(hidden_a, hidden_b, 0.05)
+    assert abs(hidden_two["loss"] - hidden_single["loss"]) < 1e-10, f"another batch on 2 processes: expected the single-process loss {hidden_single['loss']:.10f}, got {hidden_two['loss']:.10f}"
+    for key in ("grad_a", "grad_b"):
+        hidden_diff = float((hidden_two[key] - hidden_single[key]).abs().max())
+        assert hidden_diff < 1e-10, f"another batch on 2 processes: expected the single-process {key}, max |difference| {hidden_diff:.3g}"
 ### END HIDDEN TESTS
 
 # %% [markdown]

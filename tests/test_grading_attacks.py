@@ -2,10 +2,11 @@
 
 One class folder holds an honest student, an untouched lab, a victim and one submission per attack,
 all for a small lab with a number exercise (``my_chance``, whose library reference is taken away), a
-tensor exercise with gradients (``my_unit``) and a training exercise that the grader computes. A single
-module-scoped ``grade_dir`` run grades them (one sandboxed process each); the tests read its rows.
-Each attack targets one exercise: that row earns 0, the other rows equal the honest student's, and the
-victim graded after the attacks gets exactly the honest grade.
+tensor exercise with gradients (``my_unit``) and a training exercise that the grader computes, plus one
+submission of lab 9 that forges its two-process values. A single module-scoped ``grade_dir`` run grades
+them (one sandboxed process each, under a memory limit); the tests read its rows. Each attack targets one
+exercise: that row earns 0, the other rows equal the honest student's, and the victim graded after the
+attacks gets exactly the honest grade.
 """
 
 import csv
@@ -17,6 +18,8 @@ import pytest
 
 from mmalign import labs
 from mmalign.labs import sandbox
+
+from test_course import ROOT
 
 from test_labs_tooling import HEADER, nbgrader, submission
 
@@ -173,11 +176,37 @@ ATTACKS = {
                                             "copy = {'__name__': 'mmalign.copy', '__package__': 'mmalign'}\n"
                                             "exec(inspect.getsource(r), copy)\n"
                                             "my_chance = copy['chance_recall']"}, [], HONEST, False),
+    "reload_reference": ({"chance_impl": "import importlib\nimport mmalign.retrieval as r\n\n"
+                                         "my_chance = importlib.reload(r).chance_recall"}, [], HONEST, False),
+    "memory_hog": ({"unit_impl": "def my_unit(x):\n    hog = []\n"
+                                 "    for _ in range(MEMORY_LIMIT // 256 + 8):  # 256 MiB a step, up to 2 GiB past the limit\n"
+                                 "        hog.append(torch.ones(2**25, dtype=torch.float64))\n"
+                                 "    return x / x.norm(dim=1, keepdim=True)"}, [], NO_UNIT, False),
 }
+# what a person must read: exec of the library's source and reloading it give the reference back (full
+# marks); the review report lists them with the line
+ONLY_REVIEWED = {"exec_library_source": "exec(inspect.getsource(r), copy)",
+                 "reload_reference": "my_chance = importlib.reload(r).chance_recall"}
+# lab 9 with a loss that is right in one process only (no rank offset) and every two-process value forged
+# in the student's processes: the test helpers patched, and the variables the visible check reads
+FORGED_RANKS = """def my_gathered_info_nce(a, b, temperature):
+    target = torch.arange(a.shape[0])
+    all_a, all_b = dist.all_gather(a), dist.all_gather(b)
+    return 0.5 * (F.cross_entropy(similarity(a, all_b) / temperature, target)
+                  + F.cross_entropy(similarity(b, all_a) / temperature, target))
+
+
+import mmalign.labs.testing as testing
+
+testing.on_processes = lambda function, inputs: [(torch.tensor(0.0), [None, None]) for _ in inputs]
+testing.grading = lambda: False
+two = single = {"loss": 0.0, "grad_a": torch.zeros(16, 6), "grad_b": torch.zeros(16, 6)}"""
+MEMORY_LIMIT = 2560  # MiB: the class's limit; lab 9's three processes hold about 1.7 GiB
 FLAGGED = {"session_send": "kernel or IPython internals", "assert_stripping": "kernel or IPython internals",
            "token_forgery": "/proc", "closure_reference": "closures and code objects",
            "thread_reference": "threads or processes", "a_detached_process": "starting processes",
-           "exec_library_source": "executing source text", "reads_solutions": "executing source text"}
+           "exec_library_source": "executing source text", "reads_solutions": "executing source text",
+           "reload_reference": "import machinery"}
 TIMEOUT = 6
 
 
@@ -191,7 +220,8 @@ def attacked(tmp_path_factory):
     subs = root / "subs"
     csv_path = root / "out" / "grades.csv"
     victim = subs / "zz_victim" / "01_unit.ipynb"
-    constants = f"SOLUTION = {str(solution)!r}\nVICTIM = {str(victim)!r}\nCSV = {str(csv_path)!r}"
+    constants = (f"SOLUTION = {str(solution)!r}\nVICTIM = {str(victim)!r}\nCSV = {str(csv_path)!r}\n"
+                 f"MEMORY_LIMIT = {MEMORY_LIMIT}")
     honest = submission(lab, {"chance_impl": CHANCE_OK, "unit_impl": UNIT_OK})
     labs.write_lab(honest, subs / "honest" / "01_unit.ipynb")
     labs.write_lab(honest, victim)
@@ -205,6 +235,9 @@ def attacked(tmp_path_factory):
             code.id = f"extra-{offset}"
             nb.cells.insert(1 + offset, code)
         labs.write_lab(nb, subs / name / "01_unit.ipynb")
+    (root / "solutions" / "09_scaling.py").write_bytes((ROOT / "solutions" / "09_scaling.py").read_bytes())
+    lab9 = labs.generate_lab(root / "solutions" / "09_scaling.py")
+    labs.write_lab(submission(lab9, {"local_loss_impl": FORGED_RANKS}), subs / "forged_ranks" / "09_scaling.ipynb")
     solution_text = solution.read_text()
     start = time.monotonic()
     times = []
@@ -214,7 +247,8 @@ def attacked(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MMALIGN_PROFILE", raising=False)
-        rows = labs.grade_dir(subs, root / "solutions", csv_path, timeout=TIMEOUT, log=log)
+        rows = labs.grade_dir(subs, root / "solutions", csv_path, timeout=TIMEOUT, log=log,
+                              memory_limit=MEMORY_LIMIT)
     seconds = time.monotonic() - start
     time.sleep(max(0.0, 3.0 - seconds))  # a detached process of the first submission had its chance to act
     with open(csv_path, newline="") as f:
@@ -352,3 +386,34 @@ def test_the_sandbox_hides_the_repository():
     assert sandboxed
     assert "solutions" not in out[0] and "tests" not in out[0] and out[0].endswith("True False")
     assert out[1] == "True"
+
+
+def test_forged_two_process_values_earn_nothing(attacked):
+    """Lab 9: the grader starts the two processes itself and compares what the function returns there."""
+    row = attacked["rows"]["forged_ranks"]
+    assert row["result"] is not None, row["notes"]
+    assert earned(row) == {"one_process_test": 2, "two_process_test": 0}, row["result"]["cells"]
+    error = {c["grade_id"]: c["error"] for c in row["result"]["cells"]}["two_process_test"]
+    assert error.startswith("AssertionError: 2 processes: expected the single-process loss "), error
+    assert attacked["csv"]["forged_ranks"]["score"] == "2"
+
+
+def test_a_memory_hog_scores_zero_for_its_exercise_and_the_class_is_graded(attacked):
+    row = attacked["rows"]["memory_hog"]
+    cells = {c["grade_id"]: c for c in row["result"]["cells"]}
+    reason = f"memory limit {MEMORY_LIMIT} MiB exceeded"
+    assert cells["unit_test"]["error"] == reason and cells["train_test"]["error"] == reason
+    assert reason in row["notes"] and reason in attacked["csv"]["memory_hog"]["notes"]
+    assert row["result"]["memory_peak_mib"] > MEMORY_LIMIT  # measured, then killed
+    honest = attacked["rows"]["honest"]["result"]["memory_peak_mib"]
+    assert 0 < honest < MEMORY_LIMIT / 2, honest
+
+
+@pytest.mark.parametrize("name", ONLY_REVIEWED, ids=list(ONLY_REVIEWED))
+def test_library_source_copies_are_listed_with_their_line(attacked, name):
+    """exec of the library's source or a reload gives the reference back: a person reads the line."""
+    flagged = attacked["rows"][name]["result"]["review"]
+    assert any(f["text"] == ONLY_REVIEWED[name] for f in flagged), flagged
+    block = attacked["review"].split(f"{name}/01_unit:\n", 1)[1].split("\n\n", 1)[0]
+    line = next(f for f in flagged if f["text"] == ONLY_REVIEWED[name])
+    assert f"  cell {line['cell'] + 1}, line {line['line']}: {ONLY_REVIEWED[name]}    [" in block, block

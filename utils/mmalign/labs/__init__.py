@@ -22,7 +22,7 @@ Command line (run from the repository root)::
     python -m mmalign.labs generate [solutions] [labs]      # write labs/NN_name.ipynb
     python -m mmalign.labs check [solutions] [labs]         # exit 1 when a lab is stale or leaks
     python -m mmalign.labs grade SUB.ipynb [--solution solutions/NN_name.py] [--timeout 300] [--json out.json]
-    python -m mmalign.labs grade-dir DIR [--solutions solutions] [--csv DIR/grades.csv]
+    python -m mmalign.labs grade-dir DIR [--solutions solutions] [--csv DIR/grades.csv] [--memory-limit 4096]
 
 What the pieces do, in nbgrader terms:
 

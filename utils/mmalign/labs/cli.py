@@ -11,6 +11,10 @@ from .checking import check_labs
 from .generation import generate_labs
 from .grading import check_writable, format_report, grade_dir, grade_notebook, save_or_print
 from .notebook import LabFormatError, iter_solutions
+from .sandbox import DEFAULT_MEMORY_LIMIT_MIB
+
+_MEMORY_HELP = (f"MiB of resident memory for all of a submission's processes together (default "
+                f"{DEFAULT_MEMORY_LIMIT_MIB}; 0: no limit); over it they are killed and the running test scores 0")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mmalign.labs", description=_DOC.split("\n\n")[0])
@@ -25,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--solution", help="solution file (default: solutions/<submission stem>.py)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per cell or call (default 300)")
     p.add_argument("--time-limit", type=float, help="seconds for the whole submission (default 20 x timeout)")
+    p.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_LIMIT_MIB, help=_MEMORY_HELP)
     p.add_argument("--json", dest="json_path", help="also write the result as JSON to this file")
     p = sub.add_parser("grade-dir", help="autograde every .ipynb under DIR into one CSV")
     p.add_argument("submissions_dir")
@@ -32,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", dest="csv_path", help="output CSV (default: DIR/grades.csv)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per cell or call (default 300)")
     p.add_argument("--time-limit", type=float, help="seconds per submission (default 20 x timeout)")
+    p.add_argument("--memory-limit", type=float, default=DEFAULT_MEMORY_LIMIT_MIB, help=_MEMORY_HELP)
     return parser
 
 
@@ -53,14 +59,15 @@ def main(argv=None) -> int:
         elif args.command == "grade":
             if args.json_path:
                 check_writable(args.json_path)  # before grading: a computed grade is never lost
-            result = grade_notebook(args.submission, args.solution, timeout=args.timeout, time_limit=args.time_limit)
+            result = grade_notebook(args.submission, args.solution, timeout=args.timeout, time_limit=args.time_limit,
+                                    memory_limit=args.memory_limit)
             print(format_report(result))
             if args.json_path and not save_or_print(args.json_path, json.dumps(result, indent=1) + "\n", "result",
                                                     lambda line: print(line, file=sys.stderr)):
                 return 1
         elif args.command == "grade-dir":
             grade_dir(args.submissions_dir, args.solutions, args.csv_path, timeout=args.timeout,
-                      time_limit=args.time_limit)
+                      time_limit=args.time_limit, memory_limit=args.memory_limit)
     except (LabFormatError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -286,7 +286,8 @@ class _Lab:
 
 
 def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: str | None = None,
-                   solutions_dir="solutions", time_limit: float | None = None, _data: bytes | None = None,
+                   solutions_dir="solutions", time_limit: float | None = None,
+                   memory_limit: float | None = sandbox.DEFAULT_MEMORY_LIMIT_MIB, _data: bytes | None = None,
                    _lab: "_Lab | None" = None) -> dict:
     """Autograde one submission against its solution; return the per-cell result and the total.
 
@@ -298,6 +299,10 @@ def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: st
     hidden tests included, run in *this* process; the student's functions are proxies that ask the
     student's process for values (:mod:`mmalign.labs.remote`). ``timeout`` bounds one cell or one call,
     ``time_limit`` (default ``20 * timeout``) the whole submission; past it the process group is killed.
+    ``memory_limit`` (MiB, default :data:`~mmalign.labs.sandbox.DEFAULT_MEMORY_LIMIT_MIB`; None or 0: none)
+    bounds the resident memory of all the submission's processes together
+    (:class:`~mmalign.labs.sandbox.MemoryWatch`): over it they are killed, the running test fails with
+    "memory limit N MiB exceeded" and the next test starts them again.
 
     Result keys: ``submission``, ``solution``, ``lab``, ``cells`` (one dict per test: ``grade_id``,
     ``points``, ``earned``, ``status`` in passed/failed/missing/not run, ``error``), ``score`` (what
@@ -305,7 +310,8 @@ def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: st
     autograded points), ``manual`` (manually graded answers: ``grade_id``, ``points``, ``earned``,
     ``status`` in unanswered/needs manual grading/missing), ``total_max`` (``max_score`` plus the
     manual points: nbgrader's max_score), ``problems`` (notes for the instructor), ``review`` (lines of
-    the submission for a person to read: ``cell``, ``line``, ``text``, ``why``), ``sandboxed``.
+    the submission for a person to read: ``cell``, ``line``, ``text``, ``why``), ``sandboxed``,
+    ``memory_peak_mib`` (the largest resident total the watch measured, None without a watch).
     """
     submission = Path(submission)
     if _lab is None:
@@ -323,12 +329,13 @@ def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: st
     present = {_nbgrader(c).get("grade_id") for c in student.cells}
     workdir = Path(tempfile.mkdtemp(prefix="mmalign-grade-"))
     problems: list[str] = []
+    memory = sandbox.MemoryWatch(memory_limit)
     try:
         os.chmod(workdir, 0o700)
         (workdir / submission.name).write_bytes(_data if _data is not None else submission.read_bytes())
         deadline = time.monotonic() + (time_limit if time_limit is not None else 20 * timeout)
         process = remote.StudentProcess(workdir, cells, config["references"], timeout=timeout, deadline=deadline,
-                                        profile=profile)
+                                        profile=profile, memory=memory)
         try:
             rows, notes = _run_tests(config, process, present, profile)
         finally:
@@ -336,10 +343,16 @@ def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: st
         problems += notes
         if process.sandboxed is False:
             problems.append(sandbox.NO_SANDBOX)
+        if memory.kills:
+            problems.append(f"{memory.reason}: the submission's processes were stopped "
+                            f"{memory.kills} time(s); the tests running then scored 0")
+        elif memory_limit and not memory.available:
+            problems.append("no memory limit here (it needs Linux's /proc)")
         for index, error in process.cell_errors[:3]:
             if "NotImplementedError" not in str(error):
                 problems.append(f"cell {index + 1} of the submission raised {str(error)[:200]}")
     finally:
+        memory.close()
         shutil.rmtree(workdir, ignore_errors=True)
     flagged = review.flagged_lines(cells) + review.copied_references(cells, _references(config))
     if flagged:
@@ -359,6 +372,7 @@ def grade_notebook(submission, solution=None, *, timeout: int = 300, profile: st
         "problems": problems,
         "review": flagged,
         "sandboxed": bool(process.sandboxed),
+        "memory_peak_mib": round(memory.peak_bytes / 2**20) if memory.limit_mib and memory.available else None,
     }
 
 
@@ -448,7 +462,8 @@ def review_report(rows) -> str:
 
 
 def grade_dir(submissions_dir, solutions_dir="solutions", csv_path=None, *, timeout: int = 300,
-              profile: str | None = None, log=print, time_limit: float | None = None) -> list[dict]:
+              profile: str | None = None, log=print, time_limit: float | None = None,
+              memory_limit: float | None = sandbox.DEFAULT_MEMORY_LIMIT_MIB) -> list[dict]:
     """Grade every ``.ipynb`` under ``submissions_dir`` (``<student>/<NN_name>.ipynb``) into one CSV.
 
     The CSV (default ``submissions_dir/grades.csv``) has columns student, lab, score, max, notes; a
@@ -487,8 +502,8 @@ def grade_dir(submissions_dir, solutions_dir="solutions", csv_path=None, *, time
                 raise data
             if isinstance(lab, Exception):
                 raise lab
-            result = grade_notebook(path, timeout=timeout, profile=profile, time_limit=time_limit, _data=data,
-                                    _lab=lab)
+            result = grade_notebook(path, timeout=timeout, profile=profile, time_limit=time_limit,
+                                    memory_limit=memory_limit, _data=data, _lab=lab)
         except (LabFormatError, OSError) as exc:
             row["notes"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a class is always graded

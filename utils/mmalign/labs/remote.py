@@ -13,6 +13,12 @@ Gradients cross too: when a test differentiates through a student's function, th
 to the grader's autograd graph and its backward asks the student's process for the vector-Jacobian
 product. A ``torch.nn.Module`` passed to a student's function comes back updated (state and
 gradients, as values), so in-place updates such as a momentum step can be tested.
+
+Several processes: :class:`StudentGroup` starts ``N`` more processes of the submission in one fresh
+sandbox, ranks of one torch.distributed group, and :func:`on_processes` sends each rank its inputs at
+once and loads the value and gradient that the student's function gave there; the test compares them
+with its own reference (lab 9's two-process check). Every process of a submission is under its
+:class:`~mmalign.labs.sandbox.MemoryWatch`.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import builtins
 import io
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +41,7 @@ from . import sandbox
 from .runner import _HEADER, tensors_in
 
 RUNNER = Path(__file__).with_name("runner.py")
+PYTHON = os.path.abspath(sys.executable)  # a path like tests/../.venv/bin/python does not exist in the sandbox
 MAX_FRAME = 256 * 2**20
 MAX_ELEMENTS = 50_000_000
 PLAIN_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
@@ -130,14 +139,18 @@ class StudentProcess:
     """
 
     def __init__(self, workdir: Path, cells, stubs, *, timeout: float, deadline: float, profile: str,
-                 output_limit: int = 64 * 2**20):
+                 output_limit: int = 64 * 2**20, memory: sandbox.MemoryWatch | None = None):
         self.workdir, self.cells, self.stubs = Path(workdir), list(cells), list(stubs)
         self.timeout, self.deadline, self.profile, self.output_limit = timeout, deadline, profile, output_limit
+        self.memory = memory
         self.proc = None
         self.sandboxed = None
         self.cell_errors: list = []
         self.starts = 0
         self.broken: str | None = None
+        self.groups: dict[int, StudentGroup] = {}
+        self._writer = None
+        self._reader = None
 
     # lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,11 +162,14 @@ class StudentProcess:
         env = sandbox.environment(self.workdir, self.profile)
         env["MMALIGN_GRADING_OUTPUT_LIMIT"] = str(self.output_limit)
         env["MMALIGN_GRADING_LOG"] = str(self.workdir / "student.log")
-        argv = [sys.executable, "-I", str(RUNNER)]
+        argv = [PYTHON, "-I", str(RUNNER)]
         cmd, popen_env, self.sandboxed = sandbox.command(argv, self.workdir, env)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      cwd=self.workdir, env=popen_env if popen_env is not None else None,
                                      start_new_session=True)
+        if self.memory is not None:
+            self.memory.add(self.proc.pid)
+        self._writer, self._reader = self.proc.stdin, self.proc.stdout.fileno()
         self.broken = None
         budget = self.timeout * max(1, len(self.cells)) + 120
         reply = self._request({"op": "setup", "stubs": self.stubs, "cells": self.cells,
@@ -168,27 +184,30 @@ class StudentProcess:
             self.start()
 
     def stop(self) -> None:
-        """Kill the process group (and with bubblewrap the whole sandbox): nothing outlives grading."""
+        """Kill the process group (and with bubblewrap the whole sandbox), and the submission's groups of
+        processes (:meth:`group`): nothing outlives grading."""
+        groups, self.groups = list(self.groups.values()), {}
+        for group in groups:
+            group.stop()
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.kill()
-        except OSError:
-            pass
+        _kill(proc, self.memory)
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
             except OSError:
                 pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        _reap(proc)
+
+    def group(self, nproc: int) -> "StudentGroup":
+        """``nproc`` more processes of this submission in one fresh sandbox, joined by torch.distributed
+        (started on first use, kept for the next test)."""
+        group = self.groups.get(nproc)
+        if group is None:
+            group = self.groups[nproc] = StudentGroup(self, nproc)
+        group.ensure()
+        return group
 
     # the channel --------------------------------------------------------------------------------------
     def _fail(self, message: str):
@@ -196,8 +215,13 @@ class StudentProcess:
         self.stop()
         raise ProcessGone(message)
 
+    def _stopped(self) -> str:
+        """Why the process stopped: the memory limit when the watch killed it, else its exit status."""
+        reason = self.memory.killed(self.proc.pid) if self.memory is not None else None
+        return reason or f"your notebook's process stopped (exit status {self.proc.poll()}) before answering"
+
     def _read(self, n: int, until: float) -> bytes:
-        fd = self.proc.stdout.fileno()
+        fd = self._reader
         chunks, got = [], 0
         while got < n:
             left = until - time.monotonic()
@@ -208,24 +232,33 @@ class StudentProcess:
                 continue
             chunk = os.read(fd, min(n - got, 1 << 20))
             if not chunk:
-                code = self.proc.poll()
-                self._fail(f"your notebook's process stopped (exit status {code}) before answering")
+                try:
+                    self.proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._fail(self._stopped())
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
 
     def _request(self, request: dict, timeout: float | None = None) -> dict:
+        self._send(request)
+        return self._receive(min(time.monotonic() + (timeout or self.timeout), self.deadline))
+
+    def _send(self, request: dict) -> None:
         if self.proc is None or self.broken:
             raise ProcessGone(self.broken or "the notebook's process is not running")
         buffer = io.BytesIO()
         torch.save(request, buffer)
         payload = buffer.getvalue()
         try:
-            self.proc.stdin.write(_HEADER.pack(len(payload)) + payload)
-            self.proc.stdin.flush()
+            self._writer.write(_HEADER.pack(len(payload)) + payload)
+            self._writer.flush()
         except (BrokenPipeError, OSError, ValueError):
-            self._fail("your notebook's process stopped before it could be asked anything")
-        until = min(time.monotonic() + (timeout or self.timeout), self.deadline)
+            reason = self.memory.killed(self.proc.pid) if self.memory is not None else None
+            self._fail(reason or "your notebook's process stopped before it could be asked anything")
+
+    def _receive(self, until: float) -> dict:
         (length,) = _HEADER.unpack(self._read(_HEADER.size, until))
         if length > MAX_FRAME:
             self._fail(f"your notebook's process sent {length} bytes, more than the grader reads")
@@ -361,6 +394,16 @@ class StudentProcess:
         return _replace_tensors(value, replacements)
 
 
+def _holds(value, types) -> bool:
+    if isinstance(value, types):
+        return True
+    if type(value) in (list, tuple):
+        return any(_holds(v, types) for v in value)
+    if type(value) is dict:
+        return any(_holds(v, types) for v in value.values())
+    return False
+
+
 def _replace_tensors(value, replacements):
     if isinstance(value, torch.Tensor):
         return replacements.get(id(value), value)
@@ -383,6 +426,204 @@ class _Attach(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         grads = ctx.backward_fn(grad_outputs)
         return (None, None) + (None,) * ctx.n_outputs + tuple(grads)
+
+
+def _kill(proc: subprocess.Popen, memory: "sandbox.MemoryWatch | None") -> None:
+    """SIGKILL a started sandbox: its process group, and every process of its tree (a child that left the
+    group with setsid is still a descendant; with bubblewrap the whole namespace dies with its init)."""
+    pids = sandbox.process_tree([proc.pid]) if os.path.isdir("/proc") else [proc.pid]
+    if memory is not None:
+        memory.remove(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class _Rank(StudentProcess):
+    """Rank ``rank`` of a :class:`StudentGroup`: the same requests as a lone process, on its own channel."""
+
+    def __init__(self, group: "StudentGroup", rank: int, writer, reader: int):
+        main = group.main
+        super().__init__(group.workdir, main.cells, main.stubs, timeout=main.timeout, deadline=main.deadline,
+                         profile=main.profile, output_limit=main.output_limit, memory=main.memory)
+        self.group, self.rank = group, rank
+        self.proc, self.starts, self.sandboxed = group.proc, group.starts, group.sandboxed
+        self._writer, self._reader = writer, reader
+
+    def _stopped(self) -> str:
+        reason = self.memory.killed(self.proc.pid) if self.memory is not None else None
+        return reason or f"process {self.rank} of {self.group.nproc} of your notebook stopped before answering"
+
+    def ensure(self) -> None:
+        self.group.ensure()
+
+    def stop(self) -> None:
+        self.group.stop()
+
+
+class StudentGroup:
+    """``nproc`` processes of one submission in one fresh sandbox, ranks of one torch.distributed group.
+
+    The sandbox runs :mod:`mmalign.labs.runner` as a launcher that starts one runner per rank, each on its
+    own pair of pipes from the grader and with torchrun's environment (gloo on the sandbox's own loopback).
+    Every rank runs the submission's cells after the same stubs; :meth:`value_and_grad` then sends each
+    rank its inputs at once and loads what the student's function returned there, as values.
+    """
+
+    def __init__(self, main: StudentProcess, nproc: int):
+        if type(nproc) is not int or not 2 <= nproc <= 8:
+            raise ValueError(f"nproc must be an integer from 2 to 8, got {nproc!r}")
+        self.main, self.nproc = main, nproc
+        self.proc = None
+        self.workdir = None
+        self.ranks: list[_Rank] = []
+        self.starts = 0
+        self.sandboxed = None
+        self.broken: str | None = None
+
+    def ensure(self) -> None:
+        if self.proc is None or self.proc.poll() is not None or self.broken or any(r.broken for r in self.ranks):
+            self.start()
+
+    def start(self) -> None:
+        self.stop()
+        main = self.main
+        if time.monotonic() > main.deadline:
+            raise ProcessGone("the submission's time limit was reached")
+        self.starts += 1
+        # a folder of its own, outside the first process's (which the student's code can write)
+        self.workdir = Path(tempfile.mkdtemp(prefix="mmalign-grade-ranks-"))
+        os.chmod(self.workdir, 0o700)
+        for sub in ("tmp", ".ipython", ".matplotlib"):
+            (self.workdir / sub).mkdir()
+        pipes = [(os.pipe(), os.pipe()) for _ in range(self.nproc)]  # (grader -> rank), (rank -> grader)
+        child_fds = [fd for (to_rank, from_rank) in pipes for fd in (to_rank[0], from_rank[1])]
+        env = sandbox.environment(self.workdir, main.profile)
+        env["MMALIGN_GRADING_OUTPUT_LIMIT"] = str(main.output_limit)
+        env["MMALIGN_GRADING_CHANNELS"] = ";".join(f"{to_rank[0]},{from_rank[1]}" for to_rank, from_rank in pipes)
+        argv = [PYTHON, "-I", str(RUNNER), "--ranks", str(self.nproc)]
+        cmd, popen_env, self.sandboxed = sandbox.command(argv, self.workdir, env)
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, cwd=self.workdir, env=popen_env,
+                                         start_new_session=True, pass_fds=child_fds)
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        if main.memory is not None:
+            main.memory.add(self.proc.pid)
+        self.broken = None
+        self.ranks = [_Rank(self, r, os.fdopen(to_rank[1], "wb", buffering=0), from_rank[0])
+                      for r, (to_rank, from_rank) in enumerate(pipes)]
+        budget = main.timeout * max(1, len(main.cells)) + 120
+        replies = self._all([{"op": "setup", "stubs": main.stubs, "cells": main.cells, "cell_timeout": main.timeout,
+                              "distributed": True} for _ in self.ranks], budget)
+        for r, reply in enumerate(replies):
+            if reply is not None and reply.get("ok") is not True:
+                error = reply.get("error") if type(reply.get("error")) is dict else {}
+                self._fail(f"process {r} of {self.nproc} could not start: "
+                           f"{str(error.get('type'))[:80]}: {str(error.get('message'))[:200]}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        ranks, self.ranks = self.ranks, []
+        if proc is not None:
+            _kill(proc, self.main.memory)
+        for rank in ranks:
+            for close in (rank._writer.close, lambda fd=rank._reader: os.close(fd)):
+                try:
+                    close()
+                except OSError:
+                    pass
+        if proc is not None:
+            _reap(proc)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _fail(self, message: str):
+        self.broken = message
+        self.stop()
+        raise ProcessGone(message)
+
+    def _all(self, requests: list[dict], timeout: float | None = None) -> list[dict | None]:
+        """Send every rank its request, then collect the replies in the order they come. The first error
+        reply stops the group at once (the other ranks may be waiting for that one inside a collective)
+        and the ranks that had not answered get None; a crash or the time limit raises."""
+        ranks = list(self.ranks)
+        for rank, request in zip(ranks, requests):
+            rank._send(request)
+        until = min(time.monotonic() + (timeout or self.main.timeout), self.main.deadline)
+        replies: dict[int, dict] = {}
+        while len(replies) < len(ranks):
+            waiting = {rank._reader: rank for rank in ranks if rank.rank not in replies}
+            left = until - time.monotonic()
+            if left <= 0:
+                self._fail("your code ran longer than the grader's time limit on several processes; "
+                           "they were stopped")
+            ready, _, _ = select.select(list(waiting), [], [], min(left, 1.0))
+            for fd in ready:
+                rank = waiting[fd]
+                try:
+                    reply = rank._receive(until)
+                except ProcessGone as exc:
+                    self._fail(str(exc))
+                replies[rank.rank] = reply
+                if reply.get("ok") is not True and len(replies) < len(ranks):
+                    self.stop()
+                    return [replies.get(r.rank) for r in ranks]
+        return [replies[r.rank] for r in ranks]
+
+    def value_and_grad(self, name: str, inputs) -> list[tuple]:
+        """``[(value, grads)]`` per rank: the student's ``name(*inputs[r])`` evaluated on rank ``r`` (all ranks
+        at once) and the gradient of the sum of its tensors with respect to every input tensor that
+        requires grad (in order; None where it does not reach)."""
+        if len(inputs) != self.nproc:
+            raise ValueError(f"expected inputs for {self.nproc} processes, got {len(inputs)}")
+        requests, wanted = [], []
+        for args in inputs:
+            args = tuple(args)
+            if _holds(args, (StudentObject, StudentMethod)):
+                raise TypeError("on_processes sends tensors, numbers and the student's functions, not objects "
+                                "of the first process")
+            tensors = tensors_in(args, torch)
+            flags = [bool(t.requires_grad and (t.is_floating_point() or t.is_complex())) for t in tensors]
+            wanted.append([t for t, flag in zip(tensors, flags) if flag])
+            requests.append({"op": "value_and_grad", "target": ("global", name), "args": self.ranks[0]._encode(args),
+                             "kwargs": {}, "rg": flags})
+        replies = self._all(requests)
+        for r, reply in enumerate(replies):
+            if reply is not None and reply.get("ok") is not True:
+                raise _student_exception(f"{name} on process {r} of {self.nproc}",
+                                         reply.get("error") if type(reply.get("error")) is dict else {})
+        out = []
+        for r, (reply, wrt) in enumerate(zip(replies, wanted)):
+            label = f"{name} on process {r} of {self.nproc}"
+            node = reply.get("value")
+            loaded = _load_plain(node, f"your {label}")
+            if type(loaded) is not list or len(loaded) != 2 or type(loaded[1]) is not list \
+                    or len(loaded[1]) != len(wrt):
+                raise StudentError(f"your {label} sent a malformed reply")
+            value, grads = loaded
+            value = _replace_tensors(value, {id(t): t.detach() for t in tensors_in(value, torch)})
+            for g, t in zip(grads, wrt):
+                if g is not None and (not isinstance(g, torch.Tensor) or g.shape != t.shape):
+                    raise StudentError(f"the gradient of your {label} has the wrong shape")
+            out.append((value, [None if g is None else g.to(t.dtype).detach() for g, t in zip(grads, wrt)]))
+        return out
 
 
 class StudentFunction:
@@ -433,10 +674,11 @@ class StudentMethod:
         return self._process.call(label, ("handle", self._obj._id, self._attribute), args, kwargs, handles=False)
 
 
-def student_side(process: StudentProcess, function, args, kwargs):
-    """Run the library's ``function`` inside the student's process (with the student's objects as
-    arguments) and return its plain result."""
-    module, qualname = function.__module__, function.__qualname__
-    if not str(module).startswith("mmalign."):
-        raise ValueError(f"student_side runs mmalign functions only, not {module}.{qualname}")
-    return process.call(qualname, ("library", module, qualname), args, kwargs, handles=False)
+def on_processes(process: StudentProcess, function, inputs) -> list[tuple]:
+    """The student's ``function`` on ``len(inputs)`` processes of the submission started by the grader
+    (:class:`StudentGroup`), rank ``r`` called on ``inputs[r]``; see :meth:`StudentGroup.value_and_grad`."""
+    if not isinstance(function, StudentFunction):
+        raise TypeError(f"on_processes runs one of the student's functions, not {function!r}")
+    inputs = list(inputs)
+    group = process.group(len(inputs))
+    return group.value_and_grad(function._name, inputs)

@@ -3,11 +3,15 @@
 The grader (:mod:`mmalign.labs.remote`) starts this file as a script (``python -I runner.py``) inside
 the submission's sandbox. Nothing it says decides a grade: it runs the student's cells, then serves
 requests ("call ``my_info_nce`` on these tensors", "the vector-Jacobian product of that call", "attribute
-``ids`` of object 3") and replies with plain values (tensors, numbers, strings, lists, tuples, dicts of
-those) that the grader loads with ``torch.load(weights_only=True)``, checks and compares in its own
-process. Before any student code runs, the library functions that the lab asks the student to write are
-replaced by stubs (their code objects are swapped, so no alias, closure, default argument or thread
-reaches the originals).
+``ids`` of object 3", "value and gradient of that call") and replies with plain values (tensors, numbers,
+strings, lists, tuples, dicts of those) that the grader loads with ``torch.load(weights_only=True)``,
+checks and compares in its own process. Before any student code runs, the library functions that the lab
+asks the student to write are replaced by stubs (their code objects are swapped, so no alias, closure,
+default argument or thread reaches the originals).
+
+Started with ``--ranks N`` it is instead the launcher of a group's sandbox: it starts N runners, each on
+its own pipes from the grader and with torchrun's environment, which join one torch.distributed group
+(gloo on the sandbox's loopback) before the student's cells run.
 
 Messages are frames: an 8-byte big-endian length, then ``torch.save`` bytes. Requests come from the
 grader (trusted); replies hold plain values only. This file imports nothing from :mod:`mmalign.labs`
@@ -135,13 +139,6 @@ class _Runner:
             return self.lookup(spec[1])
         if kind == "handle":
             return getattr(self.handles[spec[1]], spec[2])
-        if kind == "library":
-            import importlib
-
-            obj = importlib.import_module(spec[1])
-            for part in spec[2].split("."):
-                obj = getattr(obj, part)
-            return obj
         raise ValueError(f"unknown target {spec!r}")
 
     def prepared(self, request, grad_flags):
@@ -158,6 +155,13 @@ class _Runner:
         for module, name in request.get("stubs", []):
             self.stub(module, name)
         self.cell_timeout = request.get("cell_timeout", 300)
+        if request.get("distributed"):  # a rank started by launch_ranks: join the group before any cell
+            import datetime
+
+            import torch.distributed
+
+            torch.distributed.init_process_group(
+                "gloo", timeout=datetime.timedelta(seconds=max(30, int(self.cell_timeout))))
         from IPython.core.interactiveshell import InteractiveShell
 
         self.shell = InteractiveShell.instance()
@@ -244,6 +248,21 @@ class _Runner:
             grads = torch.autograd.grad(chosen, wrt, request["grad_outputs"], allow_unused=True)
         return {"value": self.plain(list(grads))}
 
+    def op_value_and_grad(self, request):
+        """The value of a call and the gradient of the sum of its tensors with respect to the inputs flagged
+        in ``rg`` (on several ranks at once, the backward's collectives included)."""
+        torch = self.torch
+        flags = request["rg"]
+        with torch.enable_grad():
+            args, kwargs, inputs = self.prepared(request, flags)
+            value = self.target(request["target"])(*args, **kwargs)
+            outputs = [t for t in tensors_in(value, torch) if t.requires_grad]
+            wrt = [t for t, flag in zip(inputs, flags) if flag and t.is_floating_point()]
+            grads = [None] * len(wrt)
+            if outputs and wrt:
+                grads = torch.autograd.grad(outputs, wrt, [torch.ones_like(t) for t in outputs], allow_unused=True)
+        return {"value": self.plain([value, list(grads)])}
+
     def op_getattr(self, request):
         value = getattr(self.handles[request["handle"]], request["name"])
         if callable(value) and not isinstance(value, self.torch.Tensor):
@@ -309,7 +328,37 @@ def _timeout(signum, frame):
     raise TimeoutError("the cell ran longer than the grader's limit per cell")
 
 
+def launch_ranks(nproc: int) -> None:
+    """Inside a group's sandbox: start one runner per rank on the pipes the grader passed
+    (``MMALIGN_GRADING_CHANNELS`` = ``in,out;in,out;...``) with torchrun's environment, and wait for them."""
+    import socket
+    import subprocess
+
+    channels = [tuple(int(fd) for fd in pair.split(","))
+                for pair in os.environ.pop("MMALIGN_GRADING_CHANNELS").split(";")]
+    if len(channels) != nproc:
+        raise SystemExit(f"expected {nproc} channels, got {len(channels)}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    children = []
+    for rank, (fd_in, fd_out) in enumerate(channels):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   MMALIGN_GRADING_LOG=f"student.{rank}.log")
+        children.append(subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=fd_in,
+                                         stdout=fd_out, stderr=subprocess.DEVNULL, env=env))
+    for fd_in, fd_out in channels:
+        os.close(fd_in)
+        os.close(fd_out)
+    for child in children:
+        child.wait()
+    os._exit(0)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--ranks":
+        launch_ranks(int(sys.argv[2]))
     output_limit = int(os.environ.pop("MMALIGN_GRADING_OUTPUT_LIMIT", str(64 * 2**20)))
     log = os.environ.pop("MMALIGN_GRADING_LOG", "student.log")
     channel_in = os.fdopen(os.dup(0), "rb", buffering=0)
