@@ -199,24 +199,27 @@ chance_rsum = 100 * sum(chance_recall(len(val.texts), k, r) + chance_recall(len(
 print(f"validation rsum {report['rsum']:.1f}  (chance {chance_rsum:.1f});  t2i R@10 {report['t2i_R@10']:.1f} %")
 
 # %% nbgrader={"grade": true, "grade_id": "training_test", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
-# Graded by training again, here, from a fixed seed, with your two functions (nothing above is read).
+# In your notebook this reads your run above, for feedback. The grader trains again, from a fixed seed,
+# with your two functions, and reads nothing of your notebook.
 from mmalign.data.features import scene_features
+from mmalign.labs.testing import grading
 from mmalign.recipes import evaluate, train_dual_encoder
 from mmalign.retrieval import chance_recall, similarity
 
-test_cfg = load_config()
-test_train, test_val = scene_features("train", test_cfg), scene_features("val", test_cfg)
+if grading():
+    test_cfg = load_config()
+    test_train, test_val = scene_features("train", test_cfg), scene_features("val", test_cfg)
 
+    def test_pair_loss(z_image, z_text, scene_ids):
+        sim = similarity(z_image, z_text)
+        return my_mms(sim, my_adaptive_margin(sim, scene_ids, 0.5), 0.07, scene_ids)
 
-def test_pair_loss(z_image, z_text, scene_ids):
-    sim = similarity(z_image, z_text)
-    return my_mms(sim, my_adaptive_margin(sim, scene_ids, 0.5), 0.07, scene_ids)
-
-
-test_model, test_history = train_dual_encoder(test_train, None, test_cfg, test_pair_loss, epochs=3, seed=0)
-test_report = evaluate(test_model, test_val)
-test_k = test_val.world.captions_per_image
-test_chance = 100 * sum(chance_recall(len(test_val.texts), test_k, r) + chance_recall(len(test_val.world), 1, r) for r in (1, 5, 10))
+    test_model, test_history = train_dual_encoder(test_train, None, test_cfg, test_pair_loss, epochs=3, seed=0)
+    test_report = evaluate(test_model, test_val)
+    test_k = test_val.world.captions_per_image
+    test_chance = 100 * sum(chance_recall(len(test_val.texts), test_k, r) + chance_recall(len(test_val.world), 1, r) for r in (1, 5, 10))
+else:
+    test_history, test_report, test_chance = history, report, chance_rsum
 assert test_history.loss[-1] < test_history.loss[0], f"the loss should go down: expected last < first, got first {test_history.loss[0]:.4f}, last {test_history.loss[-1]:.4f}"
 assert test_report["rsum"] > 10 * test_chance, f'trained retrieval should be far above chance: expected rsum > {10 * test_chance:.1f}, got {test_report["rsum"]:.1f}'
 
