@@ -320,8 +320,10 @@ def test_suspicious_code_is_listed_for_review(attacked):
     assert listed.isdisjoint({"honest/01_unit", "zz_victim/01_unit", "untouched/01_unit"}), listed
 
 
-def test_library_stub_in_the_students_process(attacked):
-    config = labs.lab_config(labs.solution_as_notebook(attacked["solution"]))
+def test_library_stub_in_the_students_process(attacked, tmp_path):
+    solution = tmp_path / "01_unit.py"  # as read before grading: without bubblewrap a_cross_writes changes it
+    solution.write_text(attacked["solution_text"], encoding="utf-8")
+    config = labs.lab_config(labs.solution_as_notebook(solution))
     assert config["answers"] == ["my_chance", "my_unit"]
     assert config["references"] == [("mmalign.retrieval", "chance_recall")]
 
