@@ -20,12 +20,14 @@
 # or the gallery no longer fits one process comfortably:
 #
 # 1. **why contrastive learning wants large batches**: InfoNCE is a classification of the positive among
-#    the batch's candidates, and the number of candidates is set by the batch;
+#    the batch's candidates, and the number of candidates is set by the batch; and whether the sigmoid
+#    loss of SigLIP, which scores every pair on its own, depends on the batch less;
 # 2. **data-parallel training with gathered negatives**: $W$ processes each hold $B/W$ pairs; gathering
 #    every process's embeddings gives each one all $B$ candidates again. We launch 2 CPU processes with
 #    `torchrun` (gloo backend) from this notebook and check that they train *exactly* what one process
 #    trains on the whole batch;
-# 3. **what gathering costs**: communication against compute, measured;
+# 3. **what gathering costs**: communication against compute, and the memory of the gathered loss in its
+#    global form against the local form of open_clip, measured;
 # 4. **mixed precision**: where float16 breaks a contrastive loss (the float32-logits rule);
 # 5. **retrieval on large galleries**: scoring in chunks, memory against gallery size;
 # 6. **the library against its peers**: the `make bench` table;
@@ -91,11 +93,63 @@ plt.show()
 # %% [markdown]
 # In this run, few candidates hurt: with 4 candidates the positive is easy to pick and the loss stops
 # pushing the embedding apart from the many other scenes it will meet at test time (the assert cell at the
-# end checks that 4 candidates trail the whole batch by more than 5 rsum, here and in the reference run).
-# **This is one run, not a measured difference**: the sweep runs one seed in both profiles, and the
-# course's rule (paired per-seed differences, [`paired_difference`](#mmalign.experiments.seeds.paired_difference))
-# measures nothing on one seed. Its run-to-run variation has not been measured, so we claim no ordering
-# among the larger values either (the reference cell at the end prints the one-seed paired numbers).
+# end checks that 4 candidates trail the whole batch by more than 5 rsum in this run). **This live sweep is
+# one run** (the CI profile trains one seed), and the course's rule (paired per-seed differences,
+# [`paired_difference`](#mmalign.experiments.seeds.paired_difference)) measures nothing on one seed. The
+# reference run trains the sweep on three seeds; its paired verdicts, at the end of the chapter, say which
+# steps up in candidates are measured gains and which are not.
+#
+# ### Softmax or sigmoid, as the batch shrinks and grows
+#
+# InfoNCE is a softmax over the batch: each positive competes with the $B-1$ other candidates of its row,
+# so what one pair contributes depends on the whole row. The sigmoid loss of SigLIP (Zhai et al., 2023)
+# instead makes every (image, caption) pair a binary "match or not" problem of its own. With
+# $s_{ij} = \cos(a_i, b_j)$, $z_{ij} = +1$ for a positive pair and $-1$ otherwise,
+#
+# $$\mathcal{L}_{\text{sigmoid}} = -\frac{1}{B}\sum_{i=1}^{B}\sum_{j=1}^{B}
+#   \log \sigma\big(z_{ij}\,(s_{ij}/\tau + b)\big),$$
+#
+# with a learned temperature $\tau$ (the paper learns $t = 1/\tau$, starting at 10) and a learned bias $b$
+# (starting at $-10$, so that the many negative pairs do not swamp the first steps). No term needs a sum over
+# the row, which is what lets the paper compute the loss block by block across devices
+# ([`gathered_siglip_loss`](#mmalign.dist.gathered_siglip_loss)).
+#
+# **What the paper reports** (Zhai et al., 2023, on billions of web image-text pairs): the sigmoid loss is
+# clearly better than the softmax loss at small batch sizes, the gap closes as the batch grows, and past a
+# batch of about 32k neither gains much more (they push the batch up to one million).
+#
+# **Our protocol**: the chapter's heads trained with each loss at a few batch sizes, the same number of
+# epochs for every batch (so the same examples seen: a small batch takes more steps), the profile's learning
+# rate, the same initial weights and data order for every loss. [`siglip_loss`](#mmalign.losses.siglip.siglip_loss)
+# learns $\tau$ and $b$ from the paper's starting values; InfoNCE is run twice, with a learned temperature
+# starting at CLIP's 0.07 (the paper's softmax baseline also learns it) and with the chapter's fixed
+# $\tau = 0.07$. The learned temperature and bias live outside the model and are trained (and checkpointed)
+# by `fit` as parameters of the optimizer ([`loss_variant`](#mmalign.experiments.scaling.loss_variant)).
+
+# %%
+losses = scaling.softmax_vs_sigmoid(train, test, cfg, budget["loss_batches"], budget["epochs"])
+pd.DataFrame(losses).T[["i2t_R@1", "t2i_R@1", "rsum", "τ after training", "b after training"]].round(
+    {"i2t_R@1": 1, "t2i_R@1": 1, "rsum": 1, "τ after training": 3, "b after training": 2})
+
+# %%
+def by_batch(rows, name, key="rsum"):
+    """{batch size: value} of one loss's rows."""
+    return {int(r.rsplit(" ", 1)[1]): v[key] for r, v in rows.items() if r.startswith(name + ", batch ")}
+
+
+fig, ax = plt.subplots(figsize=(5.5, 3.3))
+for name in scaling.LOSS_VARIANTS:
+    curve = by_batch(losses, name)
+    ax.plot(list(curve), list(curve.values()), "o-", label=name)
+ax.set(xscale="log", xlabel="batch size (log scale)", ylabel="test rsum", title=f"{budget['epochs']} epochs at every batch size")
+ax.set_xticks(list(budget["loss_batches"]), [str(b) for b in budget["loss_batches"]])
+ax.legend(frameon=False, fontsize=8)
+plt.show()
+
+# %% [markdown]
+# This live table is **one run** per loss and batch size, so it measures no difference between the losses;
+# read it for the shape of the curves. The three-seed reference run at the end of the chapter compares
+# the losses seed by seed at every batch size and says whether our data agrees with the paper.
 #
 # ## 2. Gathering negatives across processes
 #
@@ -178,7 +232,95 @@ plt.show()
 # the compute column as $n$ grows. The gathered loss also does more compute: each
 # process scores a $B \times B$ matrix instead of $B/W \times B/W$. On GPUs NCCL moves the same tensors over
 # NVLink or InfiniBand; large-scale recipes (open_clip's `local_loss`) score only the local rows against
-# the gathered columns, $B/W \times B$, which our lab implements.
+# the gathered columns, $B/W \times B$, which `gathered_info_nce(local_loss=True)` (and our lab) implements.
+#
+# ### Memory: the global loss against the local loss
+#
+# In the global form every process builds the same gathered logits, $B \times B$ numbers (the caption-to-image
+# direction is its transpose, a view), and computes the whole loss: $4B^2$ bytes a process in float32, whatever
+# $W$. In the **local** form, process $r$ scores only its own $n = B/W$ rows of each view against the $B$
+# gathered columns of the other, $2nB = 2B^2/W$ numbers, with the positives of its rows at columns
+# $rn + i$. This is what open_clip does: in `src/open_clip/loss.py`, `ClipLoss(local_loss=True)` computes
+# `logits_per_image = logit_scale * image_features @ all_text_features.T` and
+# `logits_per_text = logit_scale * text_features @ all_image_features.T` (each $n \times B$) with the labels
+# `arange(n) + n * rank`, and averages the cross-entropy over its $n$ rows; with `gather_with_grad=True` the
+# gathered features carry the gradient back to the processes they came from. Each process's loss is then
+# $W$ times its share of the global loss, so the mean over processes is the global loss and the gradients
+# that DDP averages are the global form's. [`gathered_info_nce`](#mmalign.dist.gathered_info_nce) with
+# `local_loss=True` computes the same (and builds the positive and mined-negative masks for its rows only).
+#
+# The count says the logits shrink by $2/W$: nothing at $W = 2$, half at $W = 4$. At CLIP's batch of 32,768
+# on 8 processes:
+
+# %%
+from mmalign.experiments.scaling_worker import logits_bytes
+
+print(f"B = 32,768 on 8 processes, float32 logits per process: global {logits_bytes(32768, 8, False) / 1e9:.1f} GB, "
+      f"local {logits_bytes(32768, 8, True) / 1e9:.1f} GB")
+
+# %% [markdown]
+# The logits are not the whole peak: the log-softmax of each direction, the masks of the positives and the
+# gradients of the backward pass come on top. So we measure: [`local_loss_memory`](#mmalign.experiments.scaling.local_loss_memory)
+# launches $W$ gloo processes under `torchrun`; each runs one forward and backward pass of both forms on random
+# embeddings (width $D$ = the profile's) and records its peak memory held by tensors (the torch profiler's
+# allocation timeline, as in section 5), the logits' bytes counted as above, and the largest difference
+# between the two forms' gradients. The columns are the largest value over the processes. (Each launch
+# starts $W + 1$ Python processes, seconds each: the CI profile measures 4 processes, the reference run at
+# the end 2 and 4.)
+
+# %%
+memory = {w: scaling.local_loss_memory(budget["memory_batches"], w, budget["memory_dim"]) for w in budget["memory_worlds"]}
+mem = pd.concat({f"W = {w}": pd.DataFrame(m["sizes"]).T for w, m in memory.items()}).rename_axis(["processes", "global batch B"])
+mem["local / global peak"] = mem["local: peak MB"] / mem["global: peak MB"]
+display(mem.drop(columns=["max |gradient|"]).style.format("{:.3g}"))
+
+# %%
+fig, axes = plt.subplots(1, len(memory), figsize=(4.5 * len(memory), 3.2), sharey=True, squeeze=False)
+for ax, (w, m) in zip(axes[0], memory.items()):
+    by_b = pd.DataFrame(m["sizes"]).T
+    by_b.index = by_b.index.astype(int)
+    for col, style in (("global: peak MB", "o-"), ("local: peak MB", "s-"), ("global: logits MB", "o:"),
+                       ("local: logits MB", "s:")):
+        ax.plot(by_b.index, by_b[col], style, label=col)
+    ax.set(xscale="log", yscale="log", xlabel="global batch B", title=f"{w} processes, D = {budget['memory_dim']}")
+axes[0, 0].set_ylabel("MB per process")
+axes[0, 0].legend(frameon=False, fontsize=7)
+plt.show()
+
+# %% [markdown]
+# Both forms give the same gradients: the largest difference is at float32 rounding (the column
+# "max |gradient difference|", against gradients of the size of "max |gradient|" in `memory`). At the largest
+# batch, on 4 processes, the local form's peak is under half of the global form's. In the reference run (at
+# the end) it is below the global form's on 2 processes already, although there their logits are the same
+# size (the global form also holds the log-softmax of both directions of a $B \times B$ matrix), and the
+# saving grows with $W$: the global peak is the same on 2 and on 4 processes (within 10 %), the local one is
+# lower on 4 than on 2.
+
+# %%
+def check_memory_claims(memory: dict, top_b: str) -> None:
+    """The claims above, on the runs of ``memory`` ({processes: local_loss_memory output}) at batch ``top_b``."""
+    at = {int(w): m["sizes"][top_b] for w, m in memory.items()}
+    for w, row in at.items():
+        assert row["max |gradient difference|"] <= 1e-5 * row["max |gradient|"], (w, row)  # the same gradients
+        assert row["local: peak MB"] < row["global: peak MB"], (w, row)
+    if 4 in at:
+        assert at[4]["local: peak MB"] < 0.5 * at[4]["global: peak MB"], at[4]
+    if 2 in at:
+        assert at[2]["local: logits MB"] == at[2]["global: logits MB"], at[2]
+    if 2 in at and 4 in at:
+        assert abs(at[4]["global: peak MB"] - at[2]["global: peak MB"]) < 0.1 * at[2]["global: peak MB"], at
+        assert at[4]["local: peak MB"] < at[2]["local: peak MB"], at
+
+
+check_memory_claims(memory, str(max(budget["memory_batches"])))
+
+# %% [markdown]
+# When even the local logits, or the activations of the encoders, do not fit, [`grad_cache_loss`](#mmalign.train.grad_cache_loss)
+# (Gao et al., 2021) trains the large batch in chunks: it embeds the batch chunk by chunk without a graph,
+# computes the loss and its gradient with respect to the embeddings on the whole batch, then runs each chunk
+# again and back-propagates its slice of that gradient. The result is the full-batch gradient, on one
+# process and under `torchrun` with a gathered loss (tests/test_gradcache.py checks both against the
+# full batch on one process).
 #
 # ## 4. Mixed precision and the float32-logits rule
 #
@@ -312,7 +454,7 @@ pd.DataFrame({name: sizes for name, sizes in _PROFILE_SIZES.items()}).T[
 from mmalign.retrieval import chance_recall
 
 chance = 100 * chance_recall(len(test.texts), test.world.captions_per_image, 1)
-for name, row in {**sweep, **rows}.items():  # every run learns, far above chance
+for name, row in {**sweep, **losses, **rows}.items():  # every run learns, far above chance
     assert row["i2t_R@1"] > 10 * chance, (name, row["i2t_R@1"], chance)
 # few candidates per positive trail the whole batch
 assert sweep["4 candidates"]["rsum"] < sweep[f"{cfg.batch_size} candidates"]["rsum"] - 5, sweep
@@ -342,27 +484,141 @@ assert largest["all at once: peak MB"] >= largest["score matrix MB (float32)"], 
 # ### Reference numbers (full profile)
 #
 # `make results CHAPTER=09` runs the same experiment in the **full** profile and writes
-# `results/09_scaling.json`:
+# `results/09_scaling.json`. The candidates sweep and the softmax-vs-sigmoid runs are trained on three seeds
+# (the same seeds for every row: a seed fixes the initial weights and the data order); the 2-process demo, the
+# memory, the timings and the gallery run once. Test recalls, mean ± standard deviation over the seeds:
 
 # %%
 from mmalign.experiments import load_results
+from mmalign.experiments.seeds import mean_std_frame, paired_difference, per_seed_values
 
 reference = load_results("09")
-print(f"profile={reference['profile']}  date={reference['date']}  seed={reference['seed']}  "
+print(f"profile={reference['profile']}  date={reference['date']}  seeds={reference['seeds']}  "
       f"sizes={reference['sizes']}\nmachine: {reference['machine']}  ({reference['seconds']} s)")
-display(HTML(results_table_html(reference["table"])))
+mean_std_frame(reference["table"], reference["std"], columns=["i2t_R@1", "t2i_R@1", "rsum"])
+
+# %% [markdown]
+# Every verdict below follows the course's one evidence rule ([`paired_difference`](#mmalign.experiments.seeds.paired_difference)):
+# a comparison "a vs b" is the per-seed difference of test rsum $d_s = a_s - b_s$; it is **measured** ("higher"
+# or "lower") only when every seed's difference has the same sign and the mean difference is more than twice
+# its standard error, otherwise "no measured difference". The tables print the paired numbers behind each
+# verdict.
 
 # %%
-# The sweep in the reference file: one seed, so the course's rule measures no difference between rows;
-# the paired numbers of each step up in candidates (n = 1).
-from mmalign.experiments.seeds import paired_difference
+def paired(a: str, b: str, key: str = "rsum"):
+    return paired_difference(per_seed_values(reference, a, key), per_seed_values(reference, b, key))
 
-sweep_rows = [n for n in reference["table"] if n.endswith("candidates (1 process)")]
-steps_up = {f"{b} vs {a}": paired_difference([reference["table"][b]["rsum"]], [reference["table"][a]["rsum"]])
-            for a, b in zip(sweep_rows, sweep_rows[1:])}
-display(pd.DataFrame({k: {"difference": d.mean, "seeds": d.n, "verdict": d.verdict} for k, d in steps_up.items()}).T)
-assert all(d.n == 1 and d.verdict == "no measured difference" for d in steps_up.values())
-assert reference["table"][sweep_rows[0]]["rsum"] < reference["table"][sweep_rows[-1]]["rsum"] - 5  # one run's gap
+
+def verdict_table(comparisons: dict) -> pd.DataFrame:
+    return pd.DataFrame({c: {"mean a - b": round(d.mean, 2), "sd": round(d.std, 2), "se": round(d.se, 2), "seeds a > b": d.higher,
+                             "seeds a < b": d.lower, "verdict": d.verdict} for c, d in comparisons.items()}).T
+
+
+ref_cands = list(reference["budgets"]["negatives"])
+cand_row = {k: f"{k} candidates (1 process)" for k in ref_cands}
+steps_up = {f"{b} vs {a} candidates": paired(cand_row[b], cand_row[a]) for a, b in zip(ref_cands, ref_cands[1:])}
+steps_up[f"{ref_cands[-1]} vs {ref_cands[0]} candidates"] = paired(cand_row[ref_cands[-1]], cand_row[ref_cands[0]])
+verdict_table(steps_up)
+
+# %% [markdown]
+# **The candidates sweep, by the paired rule.** Every step up in candidates is a measured gain in the reference
+# run: from 4 to 16, from 16 to half the batch and from half the batch to the whole batch, each on all three
+# seeds and by more than twice its standard error (the table gives the numbers). The last step, doubling the
+# candidates from $B/2$ to $B$, gains the least of the three, but it is a measured gain, not run-to-run
+# noise. It is also what gathering buys over two processes that do not gather: their 2-part run is the
+# $B/2$-candidates row (section 2).
+
+# %%
+assert all(d.verdict == "higher" and d.higher == d.n == 3 for d in steps_up.values()), steps_up
+last_step = steps_up[f"{ref_cands[-1]} vs {ref_cands[-2]} candidates"]
+assert all(last_step.mean < steps_up[f"{b} vs {a} candidates"].mean for a, b in zip(ref_cands[:-2], ref_cands[1:-1]))
+
+# %% [markdown]
+# **Softmax against sigmoid, three seeds.** Mean test rsum at each batch size (the error bars are the standard
+# deviation over seeds), and the paired verdicts at each batch size:
+
+# %%
+ref_batches = list(reference["budgets"]["loss_batches"])
+fig, ax = plt.subplots(figsize=(5.5, 3.3))
+for name in scaling.LOSS_VARIANTS:
+    mean, spread = by_batch(reference["table"], name), by_batch(reference["std"], name)
+    ax.errorbar(list(mean), list(mean.values()), yerr=list(spread.values()), fmt="o-", capsize=3, label=name)
+ax.set(xscale="log", xlabel="batch size (log scale)", ylabel="test rsum",
+       title=f"full profile, {reference['budgets']['epochs']} epochs, {len(reference['seeds'])} seeds")
+ax.set_xticks(ref_batches, [str(b) for b in ref_batches])
+ax.legend(frameon=False, fontsize=8)
+plt.show()
+
+sig, soft, fixed = scaling.SIGMOID_LEARNED, scaling.SOFTMAX_LEARNED, scaling.SOFTMAX_FIXED
+loss_verdicts = {}
+for bs in ref_batches:
+    loss_verdicts[f"SigLIP vs InfoNCE learned τ, batch {bs}"] = paired(f"{sig}, batch {bs}", f"{soft}, batch {bs}")
+    loss_verdicts[f"SigLIP vs InfoNCE τ = 0.07, batch {bs}"] = paired(f"{sig}, batch {bs}", f"{fixed}, batch {bs}")
+    loss_verdicts[f"InfoNCE learned τ vs τ = 0.07, batch {bs}"] = paired(f"{soft}, batch {bs}", f"{fixed}, batch {bs}")
+verdict_table(loss_verdicts)
+
+# %% [markdown]
+# **What our data says.** Against InfoNCE with a learned temperature, the paper's softmax baseline, SigLIP is
+# higher on every seed at batches 16, 64 and 256 (by 10 to 14 rsum) and no difference is measured at 1,024:
+# the shape the paper reports, sigmoid ahead at small batches and the two together at large ones. The
+# chapter's InfoNCE with its fixed $\tau = 0.07$ tells a different story: against it SigLIP is measured higher
+# only at batch 64, by under 5 rsum, and no difference is measured at 16, 256 or 1,024. What separates the two
+# InfoNCE rows is the learned temperature: at 16, 64 and 256 it ends below 0.07 and its runs are lower than the
+# fixed-$\tau$ runs on every seed; at 1,024 it ends closest to 0.07 and no difference is measured. SigLIP's
+# bias hardly moves from its starting $-10$ (it ends within 1 of it at every batch size).
+#
+# So our data agrees with the paper where the paper's comparison is made (both losses learn their
+# temperature), and mostly disagrees once the softmax temperature is tuned. Why, in the four places a result
+# can come from:
+#
+# * **protocol**: the same epochs at every batch size, so the batch of 1,024 takes about 1/64 of the steps of
+#   the batch of 16, and a learned temperature moves less in fewer steps: part of "the gap closes at large
+#   batches" is here "the temperature had less time to drift". The paper trains on billions of examples, at
+#   batches of thousands up to a million (its saturation around 32k lies far beyond anything we can run), and
+#   compares each batch size after the same number of examples seen;
+# * **models**: two linear heads on frozen features, not image and text encoders trained from scratch;
+# * **data**: 15,000 synthetic captions of 5,000 scenes with three captions each (several positives per row),
+#   not web image-text pairs with one positive per row;
+# * **method**: on our data the learned temperature drops below the tuned value and hurts InfoNCE at small and
+#   medium batches; the sigmoid loss, with the same kind of learned temperature plus a bias, does not suffer
+#   from it. Whether sigmoid is better "at small batches" then depends on whether the softmax temperature is
+#   learned (yes, here) or tuned (a measured difference only at batch 64, here).
+
+# %%
+v = {c: d.verdict for c, d in loss_verdicts.items()}
+small = [b for b in ref_batches if b < max(ref_batches)]
+for bs in small:
+    assert v[f"SigLIP vs InfoNCE learned τ, batch {bs}"] == "higher"
+    assert 10 <= loss_verdicts[f"SigLIP vs InfoNCE learned τ, batch {bs}"].mean <= 14
+    assert v[f"InfoNCE learned τ vs τ = 0.07, batch {bs}"] == "lower"
+    assert reference["table"][f"{soft}, batch {bs}"]["τ after training"] < scaling.TEMPERATURE
+top = max(ref_batches)
+assert v[f"SigLIP vs InfoNCE learned τ, batch {top}"] == "no measured difference"
+assert v[f"InfoNCE learned τ vs τ = 0.07, batch {top}"] == "no measured difference"
+assert [b for b in ref_batches if v[f"SigLIP vs InfoNCE τ = 0.07, batch {b}"] != "no measured difference"] == [64]
+assert v["SigLIP vs InfoNCE τ = 0.07, batch 64"] == "higher" and loss_verdicts["SigLIP vs InfoNCE τ = 0.07, batch 64"].mean < 5
+taus = by_batch(reference["table"], soft, "τ after training")
+assert max(taus, key=taus.get) == top  # the learned temperature ends closest to 0.07 at the largest batch
+assert all(abs(b + 10) < 1 for b in by_batch(reference["table"], sig, "b after training").values())
+# the protocol and data facts of the list below
+n_pairs = reference["sizes"]["n_train"] * test.world.captions_per_image
+steps = {b: reference["budgets"]["epochs"] * (n_pairs // b) for b in ref_batches}
+assert (reference["sizes"]["n_train"], n_pairs) == (5000, 15_000) and 60 < steps[16] / steps[1024] < 70, steps
+
+# %% [markdown]
+# The 2-process demo of the reference run (one seed), and the memory of the two gathered forms at the full
+# profile's batch sizes:
+
+# %%
+display(HTML(results_table_html({f"2 processes, {k} negatives": v["test"] for k, v in reference["demo"]["runs"].items()})))
+ref_mem = pd.concat({f"W = {w}": pd.DataFrame(m["sizes"]).T for w, m in reference["memory"].items()})
+ref_mem["local / global peak"] = ref_mem["local: peak MB"] / ref_mem["global: peak MB"]
+display(ref_mem.drop(columns=["max |gradient|"]).style.format("{:.3g}"))
+
+# %%
+# the memory claims of section 3, on 2 and 4 processes, at the reference run's largest batch
+assert sorted(reference["memory"]) == ["2", "4"]
+check_memory_claims(reference["memory"], str(max(reference["budgets"]["memory_batches"])))
 
 # %%
 pd.DataFrame(reference["demo"]["timing_ms"]).T.round(2).rename_axis("local batch n")
@@ -373,12 +629,18 @@ pd.DataFrame(reference["gallery"]).T.round(1)
 # %% [markdown]
 # ## Takeaways
 #
-# * InfoNCE classifies the positive among the batch's candidates; in one run each (live and reference),
-#   too few candidates (here 4) learned a worse embedding at the same budget; one seed, so not a measured
-#   difference by the course's rule.
+# * InfoNCE classifies the positive among the batch's candidates. In the reference run (three seeds, paired)
+#   every step up from 4 candidates to the whole batch is a measured gain at the same budget, the last one
+#   (half the batch to the whole batch) the smallest.
+# * The sigmoid loss (SigLIP) beats InfoNCE with a learned temperature at small and medium batches and ties it
+#   at the largest, as the paper reports; against InfoNCE with a tuned fixed temperature it is measured ahead
+#   at one batch size only. On our data the learned softmax temperature, not the batch, makes most of the gap.
 # * Data parallelism splits the batch, and with it the candidates, unless the embeddings are gathered. A
 #   differentiable all-gather (backward: sum over processes) plus rank-offset labels (or gathered item ids)
 #   makes $W$ processes train exactly the single-process large-batch model, as the weight comparison shows.
+# * The local form of the gathered loss (open_clip's `local_loss`) gives the same gradients with $2B^2/W$
+#   logits a process instead of $B^2$: measured, its peak memory is below the global form's on 2 processes and
+#   under half of it on 4.
 # * Keep logits in float32 and use log-softmax: float16 overflows $e^{s}$ above $s \approx 11$, which a
 #   contrastive temperature reaches easily; bfloat16 does not overflow but rounds the logits coarsely.
 # * Score large galleries in chunks of queries: the result is the same and the memory follows the chunk.
@@ -386,7 +648,10 @@ pd.DataFrame(reference["gallery"]).T.round(1)
 # **References.** van den Oord, Li & Vinyals (2018), *Representation learning with contrastive predictive
 # coding* (InfoNCE and its bound). Chen, Kornblith, Norouzi & Hinton (2020), *A simple framework for
 # contrastive learning of visual representations* (SimCLR; large batches, gathered negatives). Radford et al.
-# (2021), *Learning transferable visual models from natural language supervision* (CLIP). Micikevicius et
+# (2021), *Learning transferable visual models from natural language supervision* (CLIP). Zhai, Mustafa,
+# Kolesnikov & Beyer (2023), *Sigmoid loss for language image pre-training* (SigLIP). Gao, Zhang, Han & Callan
+# (2021), *Scaling deep contrastive learning batch size under memory limited setup* (GradCache). Ilharco et al.
+# (2021), *OpenCLIP* (software, github.com/mlfoundations/open_clip; `ClipLoss` in `src/open_clip/loss.py`). Micikevicius et
 # al. (2018), *Mixed precision training* (loss scaling). Goyal et al. (2017), *Accurate, large minibatch SGD:
 # training ImageNet in 1 hour* (data parallelism). Johnson, Douze & Jégou (2019), *Billion-scale similarity
 # search with GPUs* (FAISS). Li et al. (2020), *PyTorch Distributed: experiences on accelerating data

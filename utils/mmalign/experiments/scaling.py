@@ -1,6 +1,7 @@
-"""Chapter 09: scaling up. Negatives against batch size, gathered negatives on 2 processes (torchrun,
-gloo), communication against compute, mixed precision and the float32-logits rule, retrieval on
-large galleries in chunks.
+"""Chapter 09: scaling up. Negatives against batch size, softmax (InfoNCE) against sigmoid (SigLIP) loss
+as the batch shrinks and grows, gathered negatives on 2 processes (torchrun, gloo), communication against
+compute, the memory of the global and the local gathered loss, mixed precision and the float32-logits
+rule, retrieval on large galleries in chunks.
 
 The notebook calls these functions, so its live numbers and ``results/09_scaling.json`` compute the
 same thing. The multi-process part runs :mod:`mmalign.experiments.scaling_worker` under ``torch.distributed.run``.
@@ -19,12 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
+from ..checks import check_int
 from ..config import Config, seed_everything
 from ..data.features import FeatureSplit, scene_features
-from ..dist import free_port
-from ..losses import info_nce
+from ..losses import info_nce, siglip_loss
+from ..models.temperature import LearnableTemperature
 from ..recipes import evaluate, train_dual_encoder
 from ..retrieval import recall_at_k
+from .seeds import seeds_for, summarize
 
 TEMPERATURE = 0.07
 
@@ -43,6 +48,13 @@ def budgets(cfg: Config) -> dict:
         "gallery_dim": 128 if not big else 256,
         "chunk": 256,
         "amp_steps": 30 if not big else 100,
+        # softmax vs sigmoid loss: global batch sizes, the same epochs (so the same examples seen)
+        "loss_batches": (32, 128) if not big else (16, 64, 256, 1024),
+        # peak memory of the gathered loss, global form vs local_loss=True: processes and global batches
+        # (CI: one launch of 4 processes, each torchrun start costs seconds; the reference also runs 2)
+        "memory_worlds": (4,) if not big else (2, 4),
+        "memory_batches": (1024, 2048) if not big else (1024, 2048, 4096),
+        "memory_dim": cfg.embed_dim,
     }
 
 
@@ -66,25 +78,100 @@ def local_negatives_loss(n_chunks: int, temperature: float = TEMPERATURE):
 
 
 def negatives_sweep(train: FeatureSplit, test: FeatureSplit, cfg: Config, negatives, epochs: int,
-                    progress: bool = True) -> dict:
-    """Test recalls of the same run (batch ``cfg.batch_size``, same steps) with fewer or more negatives."""
+                    progress: bool = True, seed: int | None = None) -> dict:
+    """Test recalls of the same run (batch ``cfg.batch_size``, same steps) with fewer or more negatives.
+
+    ``seed`` (default ``cfg.seed``) sets the heads' initialisation and the data order, the same for every row."""
     out = {}
     for neg in negatives:
         model, _ = train_dual_encoder(train, None, cfg, local_negatives_loss(cfg.batch_size // neg), epochs=epochs,
-                                      progress=progress, desc=f"{neg} in-batch candidates")
+                                      progress=progress, desc=f"{neg} in-batch candidates", seed=seed)
         out[f"{neg} candidates"] = evaluate(model, test)
+    return out
+
+
+# ---- 1b. softmax (InfoNCE) against sigmoid (SigLIP) loss ------------------------------------------
+
+SOFTMAX_LEARNED = "InfoNCE, learned τ"
+SIGMOID_LEARNED = "SigLIP, learned τ and b"
+SOFTMAX_FIXED = f"InfoNCE, τ = {TEMPERATURE}"
+LOSS_VARIANTS = (SOFTMAX_LEARNED, SIGMOID_LEARNED, SOFTMAX_FIXED)
+
+
+def loss_variant(name: str, device: str | torch.device = "cpu"):
+    r"""``(pair_loss(z_img, z_txt, ids), parameters outside the heads, settings())`` of one loss of the comparison.
+
+    * ``"InfoNCE, learned τ"``: :func:`mmalign.losses.info_nce` with a
+      :class:`~mmalign.models.temperature.LearnableTemperature` initialised at CLIP's 0.07;
+    * ``"SigLIP, learned τ and b"``: :func:`mmalign.losses.siglip_loss` with the paper's initialisation,
+      :math:`\tau = 0.1` (:math:`t = 1/\tau = 10`) and bias :math:`b = -10`, both learned;
+    * ``"InfoNCE, τ = 0.07"``: the chapter's InfoNCE with its fixed temperature.
+
+    Captions of the same scene are positives in every loss (``ids``). The learned temperature and bias
+    live outside the model and are trained, checkpointed and reduced by :func:`mmalign.train.fit` as
+    parameters of the optimizer; ``settings()`` returns their current values.
+    """
+    if name == SOFTMAX_FIXED:
+        return (lambda zi, zt, ids: info_nce(zi, zt, temperature=TEMPERATURE, ids=ids)), [], \
+            (lambda: {"τ after training": TEMPERATURE})
+    if name == SOFTMAX_LEARNED:
+        temp = LearnableTemperature(TEMPERATURE).to(device)
+        return (lambda zi, zt, ids: info_nce(zi, zt, temperature=temp(), ids=ids)), list(temp.parameters()), \
+            (lambda: {"τ after training": float(temp().detach())})
+    if name == SIGMOID_LEARNED:
+        temp = LearnableTemperature(0.1).to(device)
+        bias = nn.Parameter(torch.tensor(-10.0, device=device))
+        return (lambda zi, zt, ids: siglip_loss(zi, zt, temperature=temp(), bias=bias, ids=ids)), \
+            [*temp.parameters(), bias], \
+            (lambda: {"τ after training": float(temp().detach()), "b after training": float(bias.detach())})
+    raise ValueError(f"name must be one of {list(LOSS_VARIANTS)}, got {name!r}")
+
+
+def softmax_vs_sigmoid(train: FeatureSplit, test: FeatureSplit, cfg: Config, batch_sizes, epochs: int,
+                       losses=LOSS_VARIANTS, progress: bool = True, seed: int | None = None) -> dict:
+    """Test recalls of the chapter's heads trained with each loss of :func:`loss_variant` at each batch size.
+
+    Every run trains ``epochs`` epochs (so sees the same examples; a smaller batch takes more steps) with
+    the profile's learning rate, from the same initial heads and data order (``seed``, default
+    ``cfg.seed``). Rows ``"{loss}, batch {B}"``: :func:`mmalign.recipes.evaluate`'s recalls and rsum, and
+    the learned temperature (and bias) at the end.
+    """
+    out = {}
+    for batch in batch_sizes:
+        check_int("batch_sizes", batch, minimum=2)
+        for name in losses:
+            pair_loss, extra, settings = loss_variant(name, cfg.device)
+            model, _ = train_dual_encoder(
+                train, None, cfg, pair_loss, epochs=epochs, batch_size=batch, seed=seed, progress=progress,
+                desc=f"{name}, batch {batch}",
+                optimizer=lambda params, extra=extra: torch.optim.AdamW([*params, *extra], lr=cfg.lr, weight_decay=0.0))
+            out[f"{name}, batch {batch}"] = {**evaluate(model, test), **settings()}
     return out
 
 
 # ---- 2. two processes ------------------------------------------------------------------------------
 
 
+def torchrun_command(args, nproc: int = 2) -> list[str]:
+    """The command line of :func:`torchrun`: ``python -m torch.distributed.run --standalone
+    --nproc_per_node=NPROC -m mmalign.experiments.scaling_worker ARGS``.
+
+    ``--standalone`` makes torchrun's agent open its rendezvous store on ``localhost:0``: the operating
+    system hands it a free port while binding it, and the workers learn that port from the agent. No
+    port is picked in advance (a port found free and then bound later can be taken in between by
+    another launch on the same machine), so concurrent launches cannot meet each other.
+    """
+    check_int("nproc", nproc, minimum=1)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mmalign.experiments.scaling_worker", *map(str, args)]
+
+
 def torchrun(args, nproc: int = 2, profile: str | None = None, timeout: float = 600) -> str:
-    """Run ``torchrun --nproc_per_node=nproc -m mmalign.experiments.scaling_worker ARGS`` on localhost; return the command.
+    """Run ``torchrun --standalone --nproc_per_node=nproc -m mmalign.experiments.scaling_worker ARGS`` on
+    localhost (:func:`torchrun_command`); return the command.
 
     On CPU the processes use gloo, one thread each. A failure raises with the workers' stderr."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "mmalign.experiments.scaling_worker", *map(str, args)]
+    cmd = torchrun_command(args, nproc)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if profile:
         env["MMALIGN_PROFILE"] = profile
@@ -129,6 +216,24 @@ def check_on_processes(loss_fn, nproc: int = 2, timeout: float = 300) -> dict:
                 raise NotImplementedError(f"{loss_fn.__name__} raised NotImplementedError on the workers") from None
             raise
         return torch.load(Path(tmp) / "check.pt")
+
+
+def local_loss_memory(batch_sizes, nproc: int = 2, dim: int = 128, timeout: float = 600) -> dict:
+    """Peak memory per process of one forward + backward of :func:`mmalign.dist.gathered_info_nce`, global
+    form against ``local_loss=True``, on ``nproc`` gloo processes for each global batch in ``batch_sizes``
+    (:func:`mmalign.experiments.scaling_worker.loss_memory`): ``{"world_size", "dim", "sizes": {str(B): row}}``
+    with the measured peaks, the logits' bytes counted (:func:`mmalign.experiments.scaling_worker.logits_bytes`)
+    and the largest difference between the two forms' gradients."""
+    for b in batch_sizes:
+        check_int("batch_sizes", b, minimum=nproc)
+        if b % nproc:
+            raise ValueError(f"batch_sizes must be divisible by nproc={nproc}, got {b}")
+    with tempfile.TemporaryDirectory() as tmp:
+        command = torchrun(["--out", tmp, "--memory", ",".join(map(str, batch_sizes)), "--dim", dim], nproc,
+                           timeout=timeout)
+        out = json.loads((Path(tmp) / "memory.json").read_text())
+    out["command"] = command.replace(tmp, "DIR")
+    return out
 
 
 def reference_check(temperature: float = 0.1) -> dict:
@@ -273,24 +378,30 @@ def gallery_memory(sizes, n_queries: int, dim: int, chunk: int, seed: int = 0) -
 
 
 def run(cfg: Config, progress: bool = True) -> dict:
+    """The chapter's reference run: the candidates sweep and softmax vs sigmoid on every seed of
+    :func:`~mmalign.experiments.seeds.seeds_for` (CI: one, full: three; ``table`` the mean, ``std`` the
+    spread, ``per_seed`` each seed's rows), the 2-process demo and its twins on ``cfg.seed``, the memory of
+    the local and global gathered loss, mixed precision and the gallery memory."""
     torch.set_num_threads(cfg.num_threads or 1)
     seed_everything(cfg.seed)
     train, test = scene_features("train", cfg, progress=progress), scene_features("test", cfg, progress=progress)
     b = budgets(cfg)
-    sweep = negatives_sweep(train, test, cfg, b["negatives"], b["epochs"], progress)
+    per_seed = {}
+    for seed in seeds_for(cfg):
+        sweep = negatives_sweep(train, test, cfg, b["negatives"], b["epochs"], progress, seed=seed)
+        losses = softmax_vs_sigmoid(train, test, cfg, b["loss_batches"], b["epochs"], progress=progress, seed=seed)
+        per_seed[seed] = {**{f"{k} (1 process)": v for k, v in sweep.items()}, **losses}
     with tempfile.TemporaryDirectory() as tmp:
         demo = launch_demo(cfg, tmp, b["epochs"], b["demo_batch"], b["timing_sizes"])
         twins = one_process_twins(train, test, cfg, tmp, b["epochs"], b["demo_batch"], progress=progress)
-    table = {f"{k} (1 process)": v for k, v in sweep.items()}
-    for name in ("local", "gathered"):
-        table[f"2 processes, {name} negatives"] = demo["runs"][name]["test"]
     return {
         "sizes": {"n_train": cfg.n_train, "n_test": cfg.n_test, "batch_size": cfg.batch_size},
         "budgets": {k: list(v) if isinstance(v, tuple) else v for k, v in b.items()},
-        "table": table,
+        **summarize(per_seed),
         "demo": {k: v for k, v in demo.items() if k != "runs"} | {
             "runs": {k: {"test": v["test"], "seconds": v["seconds"]} for k, v in demo["runs"].items()}},
         "twins": twins,
+        "memory": {str(w): local_loss_memory(b["memory_batches"], w, b["memory_dim"]) for w in b["memory_worlds"]},
         "overflow": overflow_table(),
         "amp": amp_speed(train, cfg, b["amp_steps"]),
         "gallery": gallery_memory(b["gallery_sizes"], b["gallery_queries"], b["gallery_dim"], b["chunk"]),

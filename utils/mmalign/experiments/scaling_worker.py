@@ -13,6 +13,11 @@ Every process loads the cached features of the profile (``MMALIGN_PROFILE``), th
 Rank 0 writes ``DIR/summary.json`` (test recalls, loss curves, timings) and the two trained state
 dicts ``DIR/{local,gathered}.pt``; the notebook compares them with one-process runs.
 
+``--memory SIZES`` instead measures, for each global batch B of ``SIZES`` (comma-separated), the peak
+memory of one forward and backward pass of :func:`mmalign.dist.gathered_info_nce` on every process, in
+the global form and with ``local_loss=True``, and how far the two forms' gradients differ; rank 0
+writes ``DIR/memory.json`` (see :func:`loss_memory`).
+
 ``--check FILE::FUNCTION`` instead checks a student's loss ``FUNCTION(a, b, temperature)`` (lab 9)
 on a fixed float64 batch: rank 0 writes ``DIR/check.pt`` with the mean of the ranks' losses and the
 gradient of the global loss with respect to every row (see :func:`check_loss`).
@@ -88,6 +93,61 @@ def comm_vs_compute(model, d_img: int, d_txt: int, sizes, repeats: int = 10) -> 
     return out
 
 
+def logits_bytes(batch: int, world: int, local_loss: bool, itemsize: int = 4) -> int:
+    """Bytes of the similarity logits one process holds for a global batch of ``batch`` pairs on ``world``
+    processes: the global form scores the gathered B x B matrix (its transpose, for the other direction,
+    is a view), the local form its n = B/W rows of each view against the B gathered columns of the other,
+    2 x n x B numbers (open_clip's ``ClipLoss(local_loss=True)``). In one process both forms are the
+    plain B x B loss."""
+    for name, value in (("batch", batch), ("world", world), ("itemsize", itemsize)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if batch % world:
+        raise ValueError(f"batch ({batch}) must be divisible by world ({world})")
+    n = batch // world
+    return (2 * n * batch if local_loss and world > 1 else batch * batch) * itemsize
+
+
+def loss_memory(sizes, dim: int = 128, temperature: float = TEMPERATURE, seed: int = 0) -> dict:
+    """Peak memory of one forward + backward of the gathered InfoNCE on this process, global form against
+    ``local_loss=True``, for each global batch B in ``sizes`` (n = B / W rows on each process).
+
+    The embeddings are random (n, dim) float32 leaves, different on every rank. Peak bytes come from
+    :func:`mmalign.experiments.scaling.peak_memory_bytes` (the torch profiler's allocation timeline on
+    CPU, CUDA's counter on a GPU), after one unmeasured warm-up call of each form. The two forms'
+    gradients with respect to this rank's embeddings are compared (they must be equal: the all-gather's
+    backward sums every rank's contribution). Returns ``{str(B): {column: value}}`` with the largest
+    value over ranks of every column.
+    """
+    from .scaling import peak_memory_bytes
+
+    out = {}
+    w = dist.world_size()
+    for batch in sizes:
+        n = batch // w
+        g = torch.Generator().manual_seed(seed * 1000 + dist.rank())
+        a0, b0 = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+        row, grads = {}, {}
+        for name, local in (("global", False), ("local", True)):
+            a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+
+            def step():
+                dist.gathered_info_nce(a, b, temperature=temperature, local_loss=local).backward()
+
+            step()  # warm-up: one-time allocations are not the loss's
+            a.grad = b.grad = None
+            row[f"{name}: peak MB"] = peak_memory_bytes(step) / 2**20
+            row[f"{name}: logits MB"] = logits_bytes(batch, w, local) / 2**20
+            grads[name] = torch.cat([a.grad, b.grad])
+        row["max |gradient difference|"] = float((grads["global"] - grads["local"]).abs().max())
+        row["max |gradient|"] = float(grads["global"].abs().max())
+        values = torch.tensor(list(row.values()), dtype=torch.float64)
+        if dist.is_distributed():
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        out[str(batch)] = dict(zip(row, values.tolist()))
+    return out
+
+
 def check_batch(n: int = 16, dim: int = 6, seed: int = 0):
     """The fixed float64 batch of the lab check: (n, dim) image and caption embeddings."""
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +190,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the profile's)")
     parser.add_argument("--sizes", default="64,256,1024", help="local batch sizes of the timing")
     parser.add_argument("--check", default=None, help="FILE::FUNCTION: check a loss function (lab 9)")
+    parser.add_argument("--memory", default=None, help="global batch sizes: peak memory of local vs global loss")
+    parser.add_argument("--dim", type=int, default=128, help="embedding width of --memory")
     args = parser.parse_args(argv)
 
     dist.init()  # gloo on CPU, NCCL on CUDA; a plain `python -m` run is one process
@@ -139,6 +201,16 @@ def main(argv=None) -> None:
         if dist.is_main():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             torch.save(result, Path(args.out) / "check.pt")
+        dist.barrier()
+        dist.cleanup()
+        return
+    if args.memory:
+        torch.set_num_threads(1)
+        result = {"world_size": dist.world_size(), "dim": args.dim,
+                  "sizes": loss_memory([int(s) for s in args.memory.split(",")], args.dim)}
+        if dist.is_main():
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "memory.json").write_text(json.dumps(result, indent=1))
         dist.barrier()
         dist.cleanup()
         return
