@@ -576,7 +576,7 @@ def patch_labels(world, grid: int = 3, input_size: int = 96, crop_fraction: floa
 
 @torch.no_grad()
 def codeword_meaning(model: Codis, split: CodisData, world=None, seed: int = 0) -> dict:
-    """What the codewords mean, measured on a split (the scene world knows every object):
+    r"""What the codewords mean, measured on a split (the scene world knows every object):
 
     * ``pair_agree``: percent of (image, caption) pairs whose student embeddings pick the same codeword,
       and ``pair_agree_chance``, the percent two independent picks with the same marginals would agree

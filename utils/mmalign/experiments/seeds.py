@@ -1,4 +1,4 @@
-"""Several seeds for a reference table: which seeds a profile runs, and mean / spread of per-seed tables.
+r"""Several seeds for a reference table: which seeds a profile runs, and mean / spread of per-seed tables.
 
 The rule of CONTRIBUTING.md: where two variants may differ by little, the full profile runs several seeds
 (the same seeds for every variant) and the chapter shows mean and spread. A chapter's ``run`` trains its

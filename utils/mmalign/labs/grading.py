@@ -98,12 +98,19 @@ def _library_imports(nb) -> tuple[list[str], dict[str, tuple[str, str]]]:
     return list(dict.fromkeys(modules)), names
 
 
+# A lab declares a library function that its exercise re-implements but its tests do not call, e.g.
+#   # While grading, the library's own version is taken away: mmalign.dist.gathered_info_nce
+_TAKEN_AWAY = re.compile(r"^#\s*While grading, the library's own version is taken away:\s*(mmalign[\w.]*)\.(\w+)\s*$",
+                         re.MULTILINE)
+
+
 def lab_config(instructor) -> dict:
     """What grading a lab needs, read from the instructor's notebook.
 
     ``answers``: the names the solution cells define (functions, classes) that tests call; ``references``:
     ``(module, name)`` of the ``mmalign`` objects that the test cells use and no other code cell does (the
-    library's version of the exercise, taken away in the student's process); ``prelude``: the import
+    library's version of the exercise, taken away in the student's process), and those a cell declares in a
+    line ``# While grading, the library's own version is taken away: mmalign.module.name``; ``prelude``: the import
     statements of the ordinary code cells, run in the grader's test namespace; ``tests``: per grade_id its
     source and the line numbers of its hidden region.
     """
@@ -124,8 +131,12 @@ def lab_config(instructor) -> dict:
             solution_ids.append(_nbgrader(cell)["grade_id"])
         else:
             prelude += _imports_of(cell.source)
-    references = sorted({imported[name] for name in tested - elsewhere
-                         if name in imported and not imported[name][0].startswith("mmalign.labs")})
+    references = {imported[name] for name in tested - elsewhere
+                  if name in imported and not imported[name][0].startswith("mmalign.labs")}
+    for cell in instructor.cells:  # what the tests do not name but the exercise is: declared by the lab
+        for module, name in _TAKEN_AWAY.findall(cell.source):
+            references.add((module, name))
+    references = sorted(references)
     return {"answers": sorted(answers), "references": references, "modules": modules,
             "prelude": "\n".join(dict.fromkeys(prelude)), "tests": tests, "solution_ids": solution_ids}
 
