@@ -414,9 +414,13 @@ WHY = {  # the measured reason a target is missed, written after reading the pro
     "recall": ("faiss's flat search is BLAS sgemm + a heap per block, as ours is sgemm + top-k; the difference is "
                "the sgemm: faiss-cpu's OpenBLAS runs it faster on this CPU than torch's MKL (see gemm_s, torch's "
                "similarity matrices alone, with no ranking)"),
-    "triplet_semihard": ("the floor sums a masked (B, B) hinge; ours goes through index lists (the miner's output that "
-                         "any loss takes), and on random embeddings nearly every negative is semi-hard, so the lists "
-                         "are almost (B, B)"),
+    "lamb": ("torch-optimizer adds the weight decay and the scaled step with fused `add_(x, alpha=...)` calls, one "
+             "pass each, which round once (an FMA); ours multiplies then adds, two passes each, so that the update "
+             "equals the written-out formula bit for bit (tests/test_dist.py); the floor, AdamW, has no trust ratio "
+             "(two norms per parameter)"),
+    "triplet_semihard": ("the floor sums a masked (B, B) hinge; ours goes through the miner's index table (what any "
+                         "loss takes), which is (B, B) too, plus the gathers of its entries: on random embeddings "
+                         "nearly every negative is semi-hard"),
 }
 
 
