@@ -69,7 +69,7 @@ labs: install
 	$(BIN)/python -m mmalign.labs check solutions labs
 
 # `pip install .` and each extra into clean venvs (uv, from the registry); make test skips it unless
-# MMALIGN_CLEAN_INSTALL=1 (CI sets it): the first run puts torch in uv's cache (several GB).
+# MMALIGN_CLEAN_INSTALL=1 (this target; CI runs it after make test): the first run puts torch in uv's cache (several GB).
 check-install: install
 	MMALIGN_CLEAN_INSTALL=1 $(BIN)/python -m pytest tests/test_clean_install.py -p no:cacheprovider -q -rs
 

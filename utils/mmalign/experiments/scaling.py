@@ -49,7 +49,7 @@ def budgets(cfg: Config) -> dict:
         "chunk": 256,
         "amp_steps": 30 if not big else 100,
         # softmax vs sigmoid loss: global batch sizes, the same epochs (so the same examples seen)
-        "loss_batches": (32, 128) if not big else (16, 64, 256, 1024),
+        "loss_batches": (64, 256) if not big else (16, 64, 256, 1024),
         # peak memory of the gathered loss, global form vs local_loss=True: processes and global batches
         # (CI: one launch of 4 processes, each torchrun start costs seconds; the reference also runs 2)
         "memory_worlds": (4,) if not big else (2, 4),
