@@ -6,6 +6,8 @@ The references are independent runs: the uninterrupted run (a resume must equal 
 averaging the 1-process loss that is the mean of each half-batch's own InfoNCE.
 """
 
+import time
+
 import pytest
 import torch
 from torch.utils.data import IterableDataset
@@ -339,3 +341,35 @@ def test_outside_temperature_on_cuda_resumes_bit_identically(tmp_path):
         fit(model, lambda m, b: m["i"](b[0]).sum(), tuple(t.float() if t.is_floating_point() else t for t in _fit_data()),
             optimizer=torch.optim.SGD([*model.parameters(), *cpu_temp.parameters()], lr=0.1), epochs=1,
             batch_size=BATCH, device="cuda", progress=False)
+
+
+class _SlowToSave:
+    """A stateful object whose state_dict takes a while on rank 0: rank 0 writes the checkpoint late."""
+
+    def state_dict(self):
+        if dist.rank() == 0:
+            time.sleep(0.5)
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _checkpoint_race_worker(rank, tmp):
+    ckpt = f"{tmp}/race.pt"
+    model = _model()
+    fit(model, lambda m, b: m["i"](b[0]).sum() + m["t"](b[1]).sum(), _fit_data(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, batch_size=BATCH, seed=4, device="cpu",
+        progress=False, checkpoint_path=ckpt, stateful={"slow": _SlowToSave()})
+    # the moment fit returns, on every rank, the checkpoint of the finished run is on disk (a run that
+    # starts now resumes from it, on every rank alike)
+    saved = torch.load(ckpt, weights_only=False)
+    torch.save({"exists": True, "epoch": saved["epoch"], "step": saved["global_step"]}, f"{tmp}/race{rank}.pt")
+
+
+def test_no_rank_leaves_fit_before_the_checkpoint_is_written(tmp_path):
+    """Rank 0 writes the checkpoint; every rank waits for it at each save (without that, a resume that
+    started right after fit read an older checkpoint on one rank, and the ranks' collectives went apart)."""
+    _spawn(_checkpoint_race_worker, tmp_path)
+    seen = [torch.load(tmp_path / f"race{r}.pt") for r in range(WORLD)]
+    assert seen[0] == seen[1] == {"exists": True, "epoch": 1, "step": seen[0]["step"]} and seen[0]["step"] > 0, seen

@@ -234,7 +234,8 @@ def semi_hard_negatives(
         pos_for_texts: optional (B_txt,) image index of each caption's positive.
 
     Returns:
-        ``(neg_for_images (B_img, k), neg_for_texts (B_txt, k))`` LongTensors, -1 = none.
+        ``(neg_for_images (B_img, k), neg_for_texts (B_txt, k))`` LongTensors, -1 = none; with
+        ``k=None``, (B_img, B_txt) and (B_txt, B_img).
     """
     _check_sim(sim)
     if k is not None:

@@ -442,8 +442,12 @@ def fit(
         state.ddp = wrap_ddp(model, optimizer, state.stateful, device, find_unused_parameters)
 
     def save() -> None:  # rank 0 writes; the checkpoint resumes on any number of processes
-        if checkpoint_path is not None and _dist.is_main():
+        if checkpoint_path is None:
+            return
+        if _dist.is_main():
             save_checkpoint(checkpoint_path, state, fingerprint)
+        if world > 1:  # no rank goes on before the file is written: a run that starts next resumes from it
+            _dist.barrier()
 
     if steps_per_epoch is None:
         total = max_steps
