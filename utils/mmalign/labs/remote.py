@@ -28,7 +28,6 @@ import io
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -434,15 +433,7 @@ def _kill(proc: subprocess.Popen, memory: "sandbox.MemoryWatch | None") -> None:
     pids = sandbox.process_tree([proc.pid]) if os.path.isdir("/proc") else [proc.pid]
     if memory is not None:
         memory.remove(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    sandbox.kill_processes([proc.pid], pids)
 
 
 def _reap(proc: subprocess.Popen) -> None:

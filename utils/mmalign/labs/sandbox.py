@@ -177,6 +177,21 @@ def resident_bytes(pid: int) -> int:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def kill_processes(groups, pids) -> None:
+    """SIGKILL the process groups ``groups``, then every process in ``pids`` (a child that left its group
+    with setsid is still in the tree); processes already gone are skipped."""
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 class MemoryWatch:
     """Kill a submission's processes when together they hold more than ``limit_mib`` MiB resident.
 
@@ -236,16 +251,7 @@ class MemoryWatch:
             self._killed.update(roots)
             self._roots.difference_update(roots)
             self.kills += 1
-        for root in roots:
-            try:
-                os.killpg(root, signal.SIGKILL)
-            except OSError:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_processes(roots, pids)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
