@@ -514,6 +514,9 @@ if bench_path.exists():
     recall = bench["results"]["recall"]["20000 images x 100000 captions"]
     print(f"large gallery: torch's matrices alone {recall['gemm_s']:.1f} s, faiss's whole search {recall['faiss_s']:.1f} s, "
           f"ours {recall['ours_s']:.1f} s, the plain torch floor {recall['floor_s']:.1f} s")
+    missed = {section for section, runs in bench["results"].items()
+              if any(isinstance(r, dict) and r.get("targets met") is False for r in runs.values())}
+    assert missed == {"recall", "lamb", "triplet_semihard"}, missed  # the three rows named above
     assert recall["gemm_s"] > recall["faiss_s"] and recall["ours/floor"] < 1.1, recall
     assert all(r["pml/ours"] > 1 for r in bench["results"]["triplet_semihard"].values())
     print("why:", {section: next(r["why"] for r in runs.values() if "why" in r)
