@@ -125,10 +125,12 @@ def command(argv: list[str], workdir: Path, env: dict[str, str]) -> tuple[list[s
         cmd += ["--cap-drop", "ALL"]
     for option, path in _system_paths():
         cmd += [option, *path.split(":", 1)] if option == "--symlink" else [option, path, path]
+    # the empty /tmp first: bubblewrap mounts in order, so a later tmpfs would hide a Python or a course
+    # checked out under /tmp (its .venv, the library) that the binds below bring in
+    cmd += ["--tmpfs", "/tmp"]
     for path in _python_paths():
         cmd += ["--ro-bind", path, path]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", str(workdir), str(workdir),
-            "--chdir", str(workdir)]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--bind", str(workdir), str(workdir), "--chdir", str(workdir)]
     for name, value in env.items():
         cmd += ["--setenv", name, value]
     return cmd + argv, None, True
